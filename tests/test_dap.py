@@ -1,0 +1,289 @@
+"""dap.py against direct, naive transcriptions of the paper's equations, and decoding against references."""
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dap
+from dap import BOS, EOS, PAD
+
+
+def tiny_config(**overrides):
+    base = dict(feature_dims={"image": 6, "motion": 5, "audio": 3}, vocab_size=12, d_model=16, n_heads=2,
+                n_layers=2, max_len=8, n_attributes=7, dropout=0.0, attn_dropout=0.0)
+    return dap.Config(**{**base, **overrides})
+
+
+def random_feats(cfg, B=3, N=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {m: torch.randn(B, N, d, generator=g) for m, d in cfg.feature_dims.items()}
+
+
+def random_captions(cfg, B=3, seed=0):
+    """BOS w.. EOS PAD.. with different lengths per row."""
+    g = torch.Generator().manual_seed(seed)
+    caps = torch.full((B, cfg.max_len), PAD)
+    for b in range(B):
+        n = 1 + b % (cfg.max_len - 2)
+        caps[b, 0] = BOS
+        caps[b, 1:n + 1] = torch.randint(4, cfg.vocab_size, (n,), generator=g)
+        caps[b, n + 1] = EOS
+    return caps
+
+
+# --- Eq. 7 -------------------------------------------------------------------------------------
+
+def naive_noisy_or(p_raw, valid):
+    B, L, K = p_raw.shape
+    p = torch.zeros(B, K, dtype=p_raw.dtype)
+    for b in range(B):
+        for k in range(K):
+            prod = 1.0
+            for l in range(L):
+                if valid[b, l]:
+                    prod *= 1 - p_raw[b, l, k].item()
+            p[b, k] = 1 - prod
+    return p
+
+
+def test_noisy_or_equals_product_formula():
+    torch.manual_seed(0)
+    p_raw = torch.rand(3, 5, 4, dtype=torch.float64) * 0.9
+    valid = torch.rand(3, 5) > 0.3
+    valid[:, 0] = True
+    torch.testing.assert_close(dap.noisy_or(p_raw, valid), naive_noisy_or(p_raw, valid))
+    torch.testing.assert_close(dap.noisy_or(p_raw), naive_noisy_or(p_raw, torch.ones(3, 5, dtype=torch.bool)))
+
+
+def test_masked_instances_change_nothing():
+    torch.manual_seed(1)
+    p_raw, labels = torch.rand(2, 6, 5), (torch.rand(2, 5) > 0.5).float()
+    valid = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]], dtype=torch.bool)
+    garbage = p_raw.clone()
+    garbage[~valid] = 0.999  # whatever sits in a padded slot must not matter
+    torch.testing.assert_close(dap.noisy_or(p_raw, valid), dap.noisy_or(garbage, valid))
+    torch.testing.assert_close(dap.attribute_loss(p_raw, labels, valid), dap.attribute_loss(garbage, labels, valid))
+    # ... and equals the loss computed on the real instances alone
+    first = dap.attribute_loss(p_raw[:1, :3], labels[:1])
+    second = dap.attribute_loss(p_raw[1:, :5], labels[1:])
+    torch.testing.assert_close(dap.attribute_loss(p_raw, labels, valid), (first + second) / 2)
+
+
+# --- Eq. 8-10 ----------------------------------------------------------------------------------
+
+def naive_bce(p_raw, labels):
+    """Eq. 8 for one batch, by hand: per video, clamp p, sum over K, divide by max(1, K_pos)."""
+    out = []
+    for b in range(p_raw.size(0)):
+        p = naive_noisy_or(p_raw[b:b + 1], torch.ones(1, p_raw.size(1), dtype=torch.bool))[0].clamp(0.01, 0.99)
+        k_pos = labels[b].sum().item()
+        s = sum(-(a * math.log(pk) + (1 - a) * math.log(1 - pk)) for a, pk in zip(labels[b].tolist(), p.tolist()))
+        out.append(s / max(1.0, k_pos))
+    return out
+
+
+def naive_reg(p_raw, labels):
+    """Eq. 9 by hand: max(mean over instances and attributes of P_raw - K_pos / K, 0)."""
+    K = labels.size(1)
+    return [max(p_raw[b].mean().item() - labels[b].sum().item() / K, 0.0) for b in range(p_raw.size(0))]
+
+
+def test_attribute_loss_equals_hand_computation():
+    torch.manual_seed(2)
+    p_raw = torch.rand(4, 3, 6, dtype=torch.float64) * 0.4
+    labels = (torch.rand(4, 6) > 0.6).double()
+    labels[3] = 0  # K_pos = 0: divide by 1, not by 0
+    expected = sum(b + r for b, r in zip(naive_bce(p_raw, labels), naive_reg(p_raw, labels))) / 4
+    assert any(r > 0 for r in naive_reg(p_raw, labels)) and any(r == 0 for r in naive_reg(p_raw, labels))
+    assert dap.attribute_loss(p_raw, labels).item() == pytest.approx(expected, rel=1e-9)
+
+
+def test_bce_alone_vanishes_at_initialisation_and_reg_does_not():
+    """Sec. 4.1: with 84 instances at P_raw ~ 0.5, noisy-OR gives p ~ 1 for every attribute."""
+    torch.manual_seed(3)
+    B, L, K, d = 4, 84, 50, 32
+    apnet = torch.nn.Linear(d, K)
+    x, labels = torch.randn(B, L, d), (torch.rand(B, K) > 0.9).float()
+    p_raw = torch.sigmoid(apnet(x))
+    assert (dap.noisy_or(p_raw) > 0.999).all()
+
+    bce = torch.tensor(naive_bce(p_raw.double(), labels.double()), requires_grad=False)  # value only
+    p = dap.noisy_or(p_raw).clamp(0.01, 0.99)
+    bce_only = (-(labels * p.log() + (1 - labels) * (1 - p).log()).sum(1) / labels.sum(1).clamp(min=1)).mean()
+    assert bce_only.item() == pytest.approx(bce.mean().item(), rel=1e-4)
+    grad_bce = torch.autograd.grad(bce_only, apnet.weight, retain_graph=True)[0].norm().item()
+    grad_full = torch.autograd.grad(dap.attribute_loss(p_raw, labels), apnet.weight)[0].norm().item()
+    print(f"|grad| of L_bce alone: {grad_bce:.3g}; of L_bce + L_reg: {grad_full:.3g}")
+    assert grad_bce < 1e-8 < 1e-3 < grad_full
+
+
+# --- Sec. 4.2: sparse sampling -----------------------------------------------------------------
+
+def test_sparse_sampling_keeps_ceil_L_r_different_instances_per_video():
+    B, L = 64, 28
+    valid = torch.ones(B, L, dtype=torch.bool)
+    torch.manual_seed(4)
+    kept = dap.sparse_sample(valid)
+    torch.manual_seed(4)
+    r = 1.0 - torch.rand(B)  # the first draw inside sparse_sample: r ~ U(0, 1]
+    counts = kept.sum(1)
+    assert torch.equal(counts, torch.ceil(L * r).long())
+    assert counts.min() >= 1 and counts.max() <= L and len(set(counts.tolist())) > 10
+    middle = kept[(counts >= 3) & (counts <= L - 3)]  # subsets that could collide only by chance
+    assert len({tuple(row.tolist()) for row in middle}) == len(middle) > 20  # different per video
+    assert kept.float().mean(0).min() > 0.2  # every position gets picked, not just a prefix
+    assert torch.equal(dap.sparse_sample(valid, training=False), valid)
+    partly = valid.clone()
+    partly[:, 20:] = False
+    assert not (dap.sparse_sample(partly) & ~partly).any()
+
+
+# --- Eq. 4 and Eq. 12 ----------------------------------------------------------------------------
+
+def test_losses_match_hand_computation_and_combine_as_eq12():
+    cfg = tiny_config(lambda_v=0.7, lambda_t=1.3)
+    torch.manual_seed(5)
+    model = dap.CaptionModel(cfg).eval()
+    feats, caps = random_feats(cfg), random_captions(cfg)
+    labels = (torch.rand(3, cfg.n_attributes) > 0.5).float()
+    out = model(feats, caps, labels)
+    # Eq. 4: -sum_t log p(y_t | Y_<t), over real tokens, divided by the number of videos
+    logp = model.decode(caps[:, :-1], model.encode(feats)).log_softmax(-1)
+    nll = sum(-logp[b, t, caps[b, t + 1]] for b in range(3) for t in range(cfg.max_len - 1) if caps[b, t + 1] != PAD)
+    torch.testing.assert_close(out["cap"], nll / 3)
+    vap = dap.attribute_loss(torch.sigmoid(model.vap_net(model.encode(feats))), labels)
+    e = model.embedding(caps)[:, 1:]
+    tap = dap.attribute_loss(torch.sigmoid(model.tap_net(e)), labels, caps[:, 1:] != PAD)
+    torch.testing.assert_close(out["vap"], vap)
+    torch.testing.assert_close(out["tap"], tap)
+    torch.testing.assert_close(out["loss"], out["cap"] + 0.7 * vap + 1.3 * tap)
+    base = dap.CaptionModel(tiny_config(vap=False, tap=False))
+    assert set(base(feats, caps)) == {"loss", "cap"}
+
+
+def test_padding_a_caption_changes_nothing():
+    cfg = tiny_config()
+    torch.manual_seed(6)
+    model = dap.CaptionModel(cfg).eval()
+    feats, caps, labels = random_feats(cfg), random_captions(cfg), torch.ones(3, cfg.n_attributes)
+    short = caps[:, :5]  # row 0 and 1 fit; row 2 is cut: compare on the two that fit
+    a, b = model(
+        {m: f[:2] for m, f in feats.items()}, short[:2], labels[:2]), model(
+        {m: f[:2] for m, f in feats.items()}, caps[:2], labels[:2])
+    for key in ("cap", "tap", "loss"):
+        torch.testing.assert_close(a[key], b[key])
+    torch.testing.assert_close(model.predict_attributes(captions=short[:2]), model.predict_attributes(captions=caps[:2]))
+
+
+def test_missing_modality_is_a_clear_error():
+    cfg = tiny_config()
+    model = dap.CaptionModel(cfg)
+    feats = random_feats(cfg)
+    del feats["audio"]
+    with pytest.raises(KeyError, match="audio"):
+        model.encode(feats)
+
+
+# --- generation -----------------------------------------------------------------------------------
+
+def test_cached_decoding_equals_full_recompute():
+    cfg = tiny_config()
+    torch.manual_seed(7)
+    model = dap.CaptionModel(cfg).eval()
+    feats, caps = random_feats(cfg), random_captions(cfg)
+    memory = model.encode(feats)
+    full = model.decode(caps, memory)                                   # (B, T, V)
+    caches = model.new_caches(memory)
+    steps = [model.decode(caps[:, t:t + 1], memory, caches, start=t) for t in range(cfg.max_len)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+    caches = model.new_caches(memory)                                   # a chunk after a cached prefix
+    model.decode(caps[:, :3], memory, caches)
+    torch.testing.assert_close(model.decode(caps[:, 3:], memory, caches, start=3), full[:, 3:], atol=1e-5, rtol=1e-5)
+
+
+def test_beam_of_one_equals_greedy():
+    cfg = tiny_config(vocab_size=30, max_len=12)
+    torch.manual_seed(8)
+    model = dap.CaptionModel(cfg).eval()
+    feats = random_feats(cfg, B=16)
+    greedy = model.generate(feats, beam_size=1)
+    assert torch.equal(model.beam_search(feats, beam_size=1), greedy)
+    assert (greedy != PAD).sum(1).float().mean() > 2  # not trivially empty
+
+
+def sequence_score(model, feats_b, words, alpha):
+    """Exhaustive reference: sum of log p / length ** alpha, recomputing the full prefix every time."""
+    tokens = torch.tensor([[BOS] + words])
+    logits = model.decode(tokens, model.encode(feats_b))[0]
+    logits[:, [PAD, BOS]] = float("-inf")
+    logp = logits.log_softmax(-1)
+    total = sum(logp[t, w].item() for t, w in enumerate(words))
+    return total / len(words) ** alpha
+
+
+def test_large_beam_finds_the_exhaustive_best():
+    cfg = tiny_config(vocab_size=6, max_len=5, length_penalty=1.0)  # words: UNK, EOS, 4, 5
+    torch.manual_seed(9)
+    model = dap.CaptionModel(cfg).eval()
+    feats = random_feats(cfg, B=4)
+    steps, choices = cfg.max_len - 1, [1, 4, 5]
+    candidates = [list(c) + [EOS] for n in range(steps) for c in itertools.product(choices, repeat=n)]
+    candidates += [list(c) for c in itertools.product(choices, repeat=steps)]  # cut at max_len, no EOS
+    found = model.beam_search(feats, beam_size=128)
+    for b in range(4):
+        fb = {m: f[b:b + 1] for m, f in feats.items()}
+        scores = [sequence_score(model, fb, c, alpha=1.0) for c in candidates]
+        best = candidates[max(range(len(candidates)), key=scores.__getitem__)]
+        best = [w for w in best if w != EOS]
+        assert found[b, :len(best)].tolist() == best and (found[b, len(best):] == PAD).all()
+
+
+def test_tiny_model_overfits_tiny_caption_set():
+    cfg = tiny_config(feature_dims={"image": 8}, vocab_size=10, d_model=32, n_layers=1, max_len=7, n_attributes=6)
+    torch.manual_seed(10)
+    feats = {"image": torch.randn(4, 3, 8)}
+    caps = torch.tensor([[BOS, 4, 5, 6, EOS, PAD, PAD], [BOS, 7, 8, EOS, PAD, PAD, PAD],
+                         [BOS, 9, 4, 4, 5, EOS, PAD], [BOS, 6, EOS, PAD, PAD, PAD, PAD]])
+    labels = torch.zeros(4, 6)
+    labels[:, :3] = 1
+    model = dap.CaptionModel(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first = None
+    for step in range(300):
+        loss = model(feats, caps, labels)["loss"]
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    assert loss.item() < 0.05 * first
+    expected = dap.finalize(caps[:, 1:])
+    for beam in (1, 3):
+        assert torch.equal(model.generate(feats, beam_size=beam), expected)
+
+
+def test_determinism_under_fixed_seed():
+    def run():
+        torch.manual_seed(11)
+        cfg = tiny_config(dropout=0.3, attn_dropout=0.1)
+        model = dap.CaptionModel(cfg)
+        feats, caps = random_feats(cfg), random_captions(cfg)
+        loss = model(feats, caps, torch.ones(3, cfg.n_attributes))["loss"]
+        loss.backward()
+        return loss.detach(), model.head.weight.grad.clone(), model.eval().generate(feats)
+    a, b = run(), run()
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def test_predict_attributes_uses_all_instances_at_evaluation():
+    cfg = tiny_config()
+    model = dap.CaptionModel(cfg).eval()
+    feats = random_feats(cfg)
+    expected = naive_noisy_or(torch.sigmoid(model.vap_net(model.encode(feats))).detach(),
+                              torch.ones(3, 12, dtype=torch.bool))
+    torch.testing.assert_close(model.predict_attributes(feats), expected)
+    with pytest.raises(ValueError, match="VAP"):
+        dap.CaptionModel(tiny_config(vap=False)).predict_attributes(feats)
