@@ -91,17 +91,20 @@ class Attention(nn.Module):
         return x.view(x.size(0), x.size(1), self.n_heads, -1).transpose(1, 2)
 
     def forward(self, x, memory=None, mask=None, cache=None):
-        """Self-attention when memory is None, cross-attention over memory otherwise."""
-        q = self.split_heads(self.q(x))
-        if memory is not None and cache is not None and "k" in cache:   # cross-attention: keys fixed
+        """Self-attention when memory is None, cross-attention over memory otherwise.
+
+        cache (a dict, filled in place): the keys/values so far; cross-attention computes them once.
+        """
+        q = self.split_heads(self.q(x))                                    # (B, h, T, d/h)
+        if memory is not None and cache:                                   # cross-attention, cached
             k, v = cache["k"], cache["v"]
         else:
             source = x if memory is None else memory
             k, v = self.split_heads(self.k(source)), self.split_heads(self.v(source))
-            if memory is None and cache is not None and "k" in cache:   # self-attention: append
+            if cache:                                                      # self-attention: append
                 k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
-        if cache is not None:
-            cache["k"], cache["v"] = k, v
+            if cache is not None:
+                cache.update(k=k, v=v)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                            dropout_p=self.p_drop if self.training else 0.0)
         return self.out(y.transpose(1, 2).reshape(x.shape))  # (B, T, d)
@@ -259,14 +262,9 @@ class CaptionModel(nn.Module):
     # ------------------------------------------------------------------------------------------
     # Generation: greedy and batched beam search with a key/value cache
 
-    def new_caches(self, memory):
-        """One cache per layer; cross-attention keys/values are computed once from memory."""
-        caches = []
-        for layer in self.layers:
-            cross = {"k": layer.cross_attn.split_heads(layer.cross_attn.k(memory)),
-                     "v": layer.cross_attn.split_heads(layer.cross_attn.v(memory))}
-            caches.append({"self": {}, "cross": cross})
-        return caches
+    def new_caches(self):
+        """Empty key/value caches, one per layer; the first decoding step fills them."""
+        return [{"self": {}, "cross": {}} for _ in self.layers]
 
     def next_log_probs(self, tokens, memory, caches, step):
         """log p(y | Y_<t, V) (B, V) for the last tokens (B, 1); PAD and BOS can never be produced."""
@@ -286,7 +284,7 @@ class CaptionModel(nn.Module):
         """Take the most probable word at each step until EOS or max_len (BOS and EOS included)."""
         memory = self.encode(feats)
         B, steps = memory.size(0), (max_len or self.cfg.max_len) - 1
-        caches = self.new_caches(memory)
+        caches = self.new_caches()
         tokens = torch.full((B, 1), BOS, dtype=torch.long, device=memory.device)
         out = torch.full((B, steps), PAD, dtype=torch.long, device=memory.device)
         done = torch.zeros(B, dtype=torch.bool, device=memory.device)
@@ -308,7 +306,7 @@ class CaptionModel(nn.Module):
         B, k, steps, alpha = memory.size(0), beam_size, (max_len or self.cfg.max_len) - 1, self.cfg.length_penalty
         device = memory.device
         memory = memory.repeat_interleave(k, dim=0)                                # (B*k, L, d)
-        caches = self.new_caches(memory)
+        caches = self.new_caches()
         tokens = torch.full((B * k, 1), BOS, dtype=torch.long, device=device)
         seqs = torch.full((B, k, steps), PAD, dtype=torch.long, device=device)
         sum_logp = torch.full((B, k), float("-inf"), device=device)

@@ -195,10 +195,10 @@ def test_cached_decoding_equals_full_recompute():
     feats, caps = random_feats(cfg), random_captions(cfg)
     memory = model.encode(feats)
     full = model.decode(caps, memory)                                   # (B, T, V)
-    caches = model.new_caches(memory)
+    caches = model.new_caches()
     steps = [model.decode(caps[:, t:t + 1], memory, caches, start=t) for t in range(cfg.max_len)]
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
-    caches = model.new_caches(memory)                                   # a chunk after a cached prefix
+    caches = model.new_caches()                                   # a chunk after a cached prefix
     model.decode(caps[:, :3], memory, caches)
     torch.testing.assert_close(model.decode(caps[:, 3:], memory, caches, start=3), full[:, 3:], atol=1e-5, rtol=1e-5)
 
