@@ -1,0 +1,1036 @@
+"""
+Frozen backbone features from raw videos: video files -> DIR/<video_id>.npy, float32 (N, D).
+
+Sec. 3.3 of the paper samples N = 28 frames per video uniformly and encodes each one with a frozen
+image backbone: the visual encoder of CLIP (openai/CLIP) or, for the ImageNet pre-training (INP)
+baseline, torchvision's ImageNet ResNet-101. This file holds, in reading order:
+  1. frame sampling and decoding (PyAV), bounded in memory
+  2. preprocessing (OpenAI's CLIP transform; torchvision's ImageNet transform)
+  3. the backbones in plain PyTorch, built from public checkpoints' state_dicts
+  4. the backbone registry (name -> kind, builder, preprocessing, dim, URL + SHA-256)
+  5. weights: download, verify, cache, load
+  6. the extraction loop: parallel decoding, batches across videos, atomic writes, resume,
+     failures, shards, progress
+  7. the command line
+It knows nothing of datasets or training: train.py reads the .npy files it writes.
+
+    python extract.py videos/ --out feats/image --backbone ViT-B/32
+"""
+import argparse
+import gzip
+import hashlib
+import html
+import importlib.util
+import json
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import warnings
+import zipfile
+from collections import OrderedDict
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from functools import lru_cache, partial
+from pathlib import Path
+from typing import Callable
+
+import av
+import ftfy
+import numpy as np
+import regex
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+VIDEO_EXTENSIONS = {".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".flv", ".wmv", ".mpg", ".mpeg",
+                    ".3gp", ".ts", ".ogv"}
+
+
+class VideoError(Exception):
+    """A video that cannot be used (unreadable, no video stream, zero decodable frames)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Frame sampling and decoding
+
+
+def sample_indices(num_frames: int, n: int) -> np.ndarray:
+    """Centres of n equal segments of num_frames frames: floor((i + 0.5) * F / N), i = 0..N-1."""
+    if num_frames <= 0:
+        raise ValueError(f"cannot sample from {num_frames} frames")
+    return np.floor((np.arange(n) + 0.5) * num_frames / n).astype(np.int64)  # (N,)
+
+
+def _grab_frames(path, wanted, preprocess: Callable, threads: int):
+    """Decode `path` once; keep preprocess(frame) for the frame indices wanted(F_claimed) -> (kept, F).
+
+    F_claimed is the container's frame count (0 if unknown); F is the number of frames actually decoded.
+    """
+    kept = {}  # frame index -> preprocessed uint8 array; never more than N entries
+    count = 0
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise VideoError("no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        stream.codec_context.thread_count = threads
+        claimed = int(stream.frames or 0)
+        wanted_set = set(wanted(claimed).tolist())
+        try:
+            for packet in container.demux(stream):
+                try:
+                    frames = packet.decode()
+                except av.error.FFmpegError:
+                    continue  # a corrupt packet: its frame is not decodable, the next ones may be
+                for frame in frames:
+                    if count in wanted_set:
+                        kept[count] = preprocess(frame.to_image())  # RGB PIL image -> (H, W, 3) uint8
+                    count += 1
+        except av.error.FFmpegError:
+            pass  # a truncated file: the frames decoded so far are the decodable ones
+    return kept, count, claimed
+
+
+def decode_frames(path, n: int, preprocess: Callable, threads: int = 0) -> np.ndarray:
+    """N preprocessed frames at the segment centres of a video's decodable frames: (N, H, W, 3) uint8.
+
+    One pass when the container's frame count is right (the common case); otherwise (count unknown
+    or wrong, e.g. a truncated file) a second pass keeps the frames sampled from the decoded count.
+    Only N frames are ever held in memory.
+    """
+    kept, count, claimed = _grab_frames(
+        path, lambda f: sample_indices(f, n) if f > 0 else np.empty(0, np.int64), preprocess, threads)
+    if count == 0:
+        raise VideoError("zero decodable video frames")
+    indices = sample_indices(count, n)
+    if count != claimed:
+        kept, count2, _ = _grab_frames(path, lambda f: indices, preprocess, threads)
+        if count2 != count:
+            raise VideoError(f"decoding is not repeatable ({count} then {count2} frames)")
+    return np.stack([kept[i] for i in indices.tolist()])  # (N, H, W, 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Preprocessing: PIL image -> uint8 (H, W, 3) in the decode workers; float normalisation on device
+
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def resize_shorter(img: Image.Image, size: int, resample) -> Image.Image:
+    """Resize so the shorter side is `size`, the longer one int(size * long / short), like torchvision."""
+    w, h = img.size
+    if w <= h:
+        new_w, new_h = size, int(size * h / w)
+    else:
+        new_w, new_h = int(size * w / h), size
+    return img.resize((new_w, new_h), resample)
+
+
+def center_crop(img: Image.Image, size: int) -> Image.Image:
+    """The central size x size crop, with torchvision's rounding."""
+    w, h = img.size
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    return img.crop((left, top, left + size, top + size))
+
+
+def clip_preprocess(img: Image.Image, size: int = 224) -> np.ndarray:
+    """OpenAI CLIP: shorter side to 224 (PIL bicubic), centre crop 224, RGB; -> (224, 224, 3) uint8."""
+    img = center_crop(resize_shorter(img, size, Image.BICUBIC), size).convert("RGB")
+    return np.asarray(img, dtype=np.uint8)
+
+
+def imagenet_preprocess(img: Image.Image, resize: int = 256, size: int = 224) -> np.ndarray:
+    """torchvision ImageNet eval: shorter side to 256 (PIL bilinear), centre crop 224, RGB."""
+    img = center_crop(resize_shorter(img, resize, Image.BILINEAR), size).convert("RGB")
+    return np.asarray(img, dtype=np.uint8)
+
+
+def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float32: /255 then (x - mean) / std, per channel."""
+    x = x.permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+# ----------------------------------------------------------------------------------------------
+# 3a. CLIP's building blocks (shared by the visual and, later, the text tower; OpenAI key names)
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 whatever the input dtype, as in CLIP."""
+
+    def forward(self, x):
+        return super().forward(x.float()).to(x.dtype)
+
+
+class QuickGELU(nn.Module):
+    """CLIP's GELU approximation x * sigmoid(1.702 x)."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-LN Transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, d_model: int, n_head: int):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d_model, n_head, batch_first=True)
+        self.ln_1 = LayerNorm(d_model)
+        self.mlp = nn.Sequential(OrderedDict([
+            ("c_fc", nn.Linear(d_model, d_model * 4)),
+            ("gelu", QuickGELU()),
+            ("c_proj", nn.Linear(d_model * 4, d_model)),
+        ]))
+        self.ln_2 = LayerNorm(d_model)
+
+    def forward(self, x, attn_mask=None):  # (B, L, D)
+        h = self.ln_1(x)
+        x = x + self.attn(h, h, h, need_weights=False, attn_mask=attn_mask)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    """A stack of ResidualAttentionBlocks; attn_mask (L, L) additive, e.g. causal for CLIP's text tower."""
+
+    def __init__(self, width: int, layers: int, heads: int, attn_mask: torch.Tensor = None):
+        super().__init__()
+        self.width, self.layers = width, layers
+        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads) for _ in range(layers)])
+        self.register_buffer("attn_mask", attn_mask, persistent=False)
+
+    def forward(self, x):  # (B, L, D)
+        L = x.shape[1]  # a causal mask cut to (L, L) gives the same outputs for the first L tokens
+        mask = None if self.attn_mask is None else self.attn_mask[:L, :L].to(x.dtype)
+        for block in self.resblocks:
+            x = block(x, mask)
+        return x
+
+
+class VisionTransformer(nn.Module):
+    """CLIP ViT: patches + [CLS] + positions -> Transformer -> ln_post([CLS]) @ proj."""
+
+    def __init__(self, input_resolution, patch_size, width, layers, heads, output_dim):
+        super().__init__()
+        self.input_resolution, self.output_dim = input_resolution, output_dim
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        scale = width ** -0.5
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn((input_resolution // patch_size) ** 2 + 1, width))
+        self.ln_pre = LayerNorm(width)
+        self.transformer = Transformer(width, layers, heads)
+        self.ln_post = LayerNorm(width)
+        self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+
+    def forward(self, x):  # (B, 3, H, W)
+        x = self.conv1(x.to(self.conv1.weight.dtype))  # (B, width, grid, grid)
+        x = x.flatten(2).transpose(1, 2)  # (B, grid**2, width)
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, width)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # (B, grid**2 + 1, width)
+        x = self.transformer(self.ln_pre(x))
+        return self.ln_post(x[:, 0, :]) @ self.proj  # (B, output_dim)
+
+
+# 3b. CLIP's ModifiedResNet
+
+
+class CLIPBottleneck(nn.Module):
+    """ResNet bottleneck with anti-aliased striding: an avgpool after conv2 (and before the downsample conv)."""
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.avgpool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.downsample = None
+        if stride > 1 or inplanes != planes * 4:
+            self.downsample = nn.Sequential(OrderedDict([
+                ("-1", nn.AvgPool2d(stride)),
+                ("0", nn.Conv2d(inplanes, planes * 4, 1, stride=1, bias=False)),
+                ("1", nn.BatchNorm2d(planes * 4)),
+            ]))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.avgpool(F.relu(self.bn2(self.conv2(out))))
+        out = self.bn3(self.conv3(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return F.relu(out + identity)
+
+
+class AttentionPool2d(nn.Module):
+    """QKV attention pooling: the mean token (plus positions) attends over the spatial grid."""
+
+    def __init__(self, spacial_dim: int, embed_dim: int, num_heads: int, output_dim: int):
+        super().__init__()
+        self.positional_embedding = nn.Parameter(torch.randn(spacial_dim ** 2 + 1, embed_dim) / embed_dim ** 0.5)
+        self.k_proj = nn.Linear(embed_dim, embed_dim)
+        self.q_proj = nn.Linear(embed_dim, embed_dim)
+        self.v_proj = nn.Linear(embed_dim, embed_dim)
+        self.c_proj = nn.Linear(embed_dim, output_dim)
+        self.num_heads = num_heads
+
+    def forward(self, x):  # (B, C, H, W)
+        x = x.flatten(2).permute(2, 0, 1)  # (HW, B, C)
+        x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0)  # (HW + 1, B, C)
+        x = x + self.positional_embedding[:, None, :].to(x.dtype)
+        x, _ = F.multi_head_attention_forward(
+            query=x[:1], key=x, value=x, embed_dim_to_check=x.shape[-1], num_heads=self.num_heads,
+            q_proj_weight=self.q_proj.weight, k_proj_weight=self.k_proj.weight, v_proj_weight=self.v_proj.weight,
+            in_proj_weight=None, in_proj_bias=torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]),
+            bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0,
+            out_proj_weight=self.c_proj.weight, out_proj_bias=self.c_proj.bias,
+            use_separate_proj_weight=True, training=False, need_weights=False)
+        return x[0]  # (B, output_dim): only the pooled token's output is used
+
+
+class ModifiedResNet(nn.Module):
+    """CLIP's ResNet: 3-conv stem with avgpool, anti-aliased bottlenecks, attention pooling."""
+
+    def __init__(self, layers, output_dim, heads, input_resolution=224, width=64):
+        super().__init__()
+        self.input_resolution, self.output_dim = input_resolution, output_dim
+        self.conv1 = nn.Conv2d(3, width // 2, kernel_size=3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width // 2)
+        self.conv2 = nn.Conv2d(width // 2, width // 2, kernel_size=3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width // 2)
+        self.conv3 = nn.Conv2d(width // 2, width, kernel_size=3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(width)
+        self.avgpool = nn.AvgPool2d(2)
+        inplanes = width
+        for i, blocks in enumerate(layers):
+            planes, stride = width * 2 ** i, 1 if i == 0 else 2
+            stage = [CLIPBottleneck(inplanes, planes, stride)]
+            stage += [CLIPBottleneck(planes * 4, planes) for _ in range(blocks - 1)]
+            self.add_module(f"layer{i + 1}", nn.Sequential(*stage))
+            inplanes = planes * 4
+        self.attnpool = AttentionPool2d(input_resolution // 32, width * 32, heads, output_dim)
+
+    def forward(self, x):  # (B, 3, H, W)
+        x = x.to(self.conv1.weight.dtype)
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        x = self.avgpool(F.relu(self.bn3(self.conv3(x))))  # (B, width, H/4, W/4)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))  # (B, 32 width, H/32, W/32)
+        return self.attnpool(x)  # (B, output_dim)
+
+
+def _sub_state_dict(state_dict: dict, prefix: str) -> dict:
+    """The entries under `prefix`, with the prefix removed."""
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def _num_blocks(state_dict: dict, prefix: str) -> int:
+    """How many numbered children `prefix.<i>.` the state_dict has."""
+    return len({k[len(prefix):].split(".")[1] for k in state_dict if k.startswith(prefix + ".")})
+
+
+def clip_visual_config(state_dict: dict) -> dict:
+    """CLIP visual hyper-parameters read off a CLIP state_dict's tensor shapes (as openai/CLIP's build_model)."""
+    sd = _sub_state_dict(state_dict, "visual.")
+    if not sd:
+        raise ValueError("not a CLIP checkpoint: no 'visual.*' tensors")
+    if "proj" in sd:  # ViT: patch embedding conv, [CLS] + grid**2 positions, 64-d heads
+        width, patch = sd["conv1.weight"].shape[0], sd["conv1.weight"].shape[-1]
+        grid = round((sd["positional_embedding"].shape[0] - 1) ** 0.5)
+        return dict(arch="vit", input_resolution=patch * grid, patch_size=patch, width=width,
+                    layers=len([k for k in sd if k.endswith(".attn.in_proj_weight")]), heads=width // 64,
+                    output_dim=sd["proj"].shape[1])
+    width = sd["layer1.0.conv1.weight"].shape[0]  # ModifiedResNet: the attention pool sees a 1/32 grid
+    grid = round((sd["attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
+    return dict(arch="resnet", layers=[_num_blocks(sd, f"layer{b}") for b in (1, 2, 3, 4)],
+                output_dim=sd["attnpool.c_proj.weight"].shape[0], heads=width * 32 // 64,
+                input_resolution=grid * 32, width=width)
+
+
+def build_clip_visual(state_dict: dict) -> nn.Module:
+    """CLIP's image encoder (encode_image) from a CLIP state_dict, in fp32."""
+    cfg = clip_visual_config(state_dict)
+    model = (VisionTransformer if cfg.pop("arch") == "vit" else ModifiedResNet)(**cfg)
+    sd = _sub_state_dict(state_dict, "visual.")
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
+    return model.eval()
+
+
+# 3d. CLIP's text side: byte-level BPE tokenizer (openai/CLIP simple_tokenizer.py) and text tower
+
+BPE_VOCAB_NAME = "bpe_simple_vocab_16e6.txt.gz"
+BPE_PACKAGES = ("clip", "open_clip")  # openai-clip and clip-anytorch install `clip`, open-clip-torch `open_clip`
+SOT, EOT = "<|startoftext|>", "<|endoftext|>"
+N_MERGES = 49152 - 256 - 2  # the merges CLIP uses: 2 * 256 byte symbols + 48,894 merges + SOT, EOT = 49,408 ids
+# a word is a special token, a contraction, a run of letters, ONE digit, or a run of other non-space symbols
+WORD_PATTERN = regex.compile(
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+    regex.IGNORECASE)
+
+
+def find_bpe_vocab() -> Path:
+    """CLIP's merges file inside an installed package (MIT licence); it is not copied into this repository."""
+    roots = []
+    for package in BPE_PACKAGES:
+        spec = importlib.util.find_spec(package)  # locates the package without importing it
+        if spec is not None and spec.submodule_search_locations:
+            roots += [Path(p) for p in spec.submodule_search_locations]
+    roots += [Path(p) / package for p in sys.path if p for package in BPE_PACKAGES]
+    for root in roots:
+        if (root / BPE_VOCAB_NAME).is_file():
+            return root / BPE_VOCAB_NAME
+    raise FileNotFoundError(
+        f"CLIP's BPE vocabulary {BPE_VOCAB_NAME} was not found in an installed `clip` or `open_clip` package; "
+        "install it with `pip install openai-clip --no-deps` (only that file is used)")
+
+
+@lru_cache()
+def bytes_to_unicode() -> dict:
+    """Each of the 256 bytes -> a printable character, so BPE never sees spaces or control codes."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    unprintable = [b for b in range(256) if b not in printable]
+    # printable bytes stand for themselves, the others borrow code points 256, 257, ...; this order
+    # (printable first) is the order of the first 256 token ids
+    return {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(unprintable)}
+
+
+def clean_text(text: str) -> str:
+    """CLIP's normalisation: repair mojibake (ftfy), unescape HTML twice, collapse whitespace, lower-case."""
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return regex.sub(r"\s+", " ", text).strip().lower()
+
+
+class BPETokenizer:
+    """CLIP's tokenizer: clean the text, split it into words, merge each word's bytes by the BPE ranks."""
+
+    def __init__(self, vocab_path=None):
+        vocab_path = Path(vocab_path) if vocab_path else find_bpe_vocab()
+        if not vocab_path.is_file():
+            raise FileNotFoundError(f"CLIP BPE vocabulary {vocab_path} does not exist")
+        lines = gzip.open(vocab_path).read().decode("utf-8").split("\n")
+        merges = [tuple(line.split()) for line in lines[1:N_MERGES + 1]]  # line 0 is a version header
+        if len(merges) != N_MERGES or any(len(m) != 2 for m in merges):
+            raise ValueError(f"{vocab_path}: expected {N_MERGES} merges of two symbols each")
+        self.byte_encoder = bytes_to_unicode()
+        self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
+        symbols = list(self.byte_encoder.values())
+        vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [SOT, EOT]
+        self.encoder = {token: i for i, token in enumerate(vocab)}  # 49,408 ids
+        self.decoder = {i: token for token, i in self.encoder.items()}
+        self.merge_rank = {pair: rank for rank, pair in enumerate(merges)}  # lower rank = merged earlier
+        self.sot_id, self.eot_id = self.encoder[SOT], self.encoder[EOT]
+        self.cache = {SOT: [SOT], EOT: [EOT]}
+
+    def bpe(self, word: str) -> list:
+        """One byte-encoded word -> its BPE symbols, the last one marked with '</w>'."""
+        if word in self.cache:
+            return self.cache[word]
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(symbols) > 1:
+            # merge every occurrence of the adjacent pair with the lowest rank, left to right
+            best = min(zip(symbols, symbols[1:]), key=lambda pair: self.merge_rank.get(pair, float("inf")))
+            if best not in self.merge_rank:
+                break
+            merged, i = [], 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    merged.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    merged.append(symbols[i])
+                    i += 1
+            symbols = merged
+        self.cache[word] = symbols
+        return symbols
+
+    def encode(self, text: str) -> list:
+        """Token ids of a text, without SOT/EOT."""
+        ids = []
+        for word in WORD_PATTERN.findall(clean_text(text)):
+            word = "".join(self.byte_encoder[b] for b in word.encode("utf-8"))
+            ids += [self.encoder[symbol] for symbol in self.bpe(word)]
+        return ids
+
+    def decode(self, ids) -> str:
+        """Text of token ids (words separated by single spaces)."""
+        data = bytearray(self.byte_decoder[c] for c in "".join(self.decoder[i] for i in ids))
+        return data.decode("utf-8", errors="replace").replace("</w>", " ")
+
+
+@lru_cache()
+def default_tokenizer() -> BPETokenizer:
+    """The tokenizer on the installed vocabulary file, built once."""
+    return BPETokenizer()
+
+
+def tokenize(texts, context_length: int = 77, truncate: bool = True, tokenizer=None) -> torch.Tensor:
+    """Texts -> (B, context_length) int64: SOT, BPE ids, EOT, zero padding (as OpenAI's clip.tokenize)."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    for t in texts:
+        if not isinstance(t, str):
+            raise TypeError(f"tokenize expects strings, got {type(t).__name__}: {t!r}")
+    tokenizer = tokenizer or default_tokenizer()
+    tokens = torch.zeros(len(texts), context_length, dtype=torch.long)  # (B, L)
+    for row, text in enumerate(texts):
+        ids = [tokenizer.sot_id] + tokenizer.encode(text) + [tokenizer.eot_id]
+        if len(ids) > context_length:
+            if not truncate:
+                raise ValueError(f"text of {len(ids)} tokens > context_length {context_length}: {text[:80]!r}")
+            ids = ids[:context_length - 1] + [tokenizer.eot_id]  # keep the EOT: the features are read there
+        tokens[row, :len(ids)] = torch.tensor(ids)
+    return tokens
+
+
+class TextTransformer(nn.Module):
+    """CLIP's text tower (encode_text): causal Transformer over BPE ids, read at EOT, projected."""
+
+    def __init__(self, output_dim, context_length, vocab_size, width, layers, heads):
+        super().__init__()
+        self.context_length, self.output_dim = context_length, output_dim
+        self.token_embedding = nn.Embedding(vocab_size, width)
+        self.positional_embedding = nn.Parameter(torch.empty(context_length, width).normal_(std=0.01))
+        causal = torch.full((context_length, context_length), float("-inf")).triu(1)  # token t sees 0..t
+        self.transformer = Transformer(width, layers, heads, attn_mask=causal)
+        self.ln_final = LayerNorm(width)
+        self.text_projection = nn.Parameter(torch.empty(width, output_dim).normal_(std=width ** -0.5))
+
+    def forward(self, tokens):  # (B, L) int64
+        if tokens.ndim != 2 or tokens.shape[1] != self.context_length:
+            raise ValueError(f"expected token ids of shape (B, {self.context_length}), got {tuple(tokens.shape)}")
+        x = self.token_embedding(tokens) + self.positional_embedding  # (B, L, width)
+        x = self.ln_final(self.transformer(x))  # (B, L, width)
+        eot = tokens.argmax(dim=-1)  # EOT has the largest id in every row
+        return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection  # (B, output_dim)
+
+
+TEXT_PREFIXES = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
+
+
+def clip_text_config(state_dict: dict) -> dict:
+    """CLIP text hyper-parameters read off a CLIP state_dict's tensor shapes (as openai/CLIP's build_model)."""
+    for key in ("token_embedding.weight", "positional_embedding", "ln_final.weight", "text_projection"):
+        if key not in state_dict:
+            raise ValueError(f"not a CLIP checkpoint with a text tower: no {key!r} tensor")
+    width = state_dict["ln_final.weight"].shape[0]
+    return dict(output_dim=state_dict["text_projection"].shape[1],
+                context_length=state_dict["positional_embedding"].shape[0],
+                vocab_size=state_dict["token_embedding.weight"].shape[0], width=width,
+                layers=_num_blocks(state_dict, "transformer.resblocks"), heads=width // 64)
+
+
+def build_clip_text(state_dict: dict) -> nn.Module:
+    """CLIP's text encoder (encode_text) from a CLIP state_dict, in fp32."""
+    model = TextTransformer(**clip_text_config(state_dict))
+    model.load_state_dict({k: v.float() for k, v in state_dict.items() if k.startswith(TEXT_PREFIXES)})
+    return model.eval()
+
+
+# 3c. torchvision's ImageNet ResNet (the INP baseline), key layout of torchvision.models.resnet
+
+
+class Bottleneck(nn.Module):
+    """torchvision's ResNet v1.5 bottleneck: the stride sits on the 3x3 conv."""
+
+    def __init__(self, inplanes, planes, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.downsample = None
+        if stride != 1 or inplanes != planes * 4:
+            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes * 4, 1, stride=stride, bias=False),
+                                            nn.BatchNorm2d(planes * 4))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return F.relu(out + identity)
+
+
+class ResNet(nn.Module):
+    """ImageNet ResNet trunk (no fc): 7x7 stem, maxpool, 4 stages, global average pool -> (B, 2048)."""
+
+    def __init__(self, layers=(3, 4, 23, 3), width=64):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        inplanes = width
+        for i, blocks in enumerate(layers):
+            planes, stride = width * 2 ** i, 1 if i == 0 else 2
+            stage = [Bottleneck(inplanes, planes, stride)]
+            stage += [Bottleneck(planes * 4, planes) for _ in range(blocks - 1)]
+            self.add_module(f"layer{i + 1}", nn.Sequential(*stage))
+            inplanes = planes * 4
+        self.output_dim = inplanes
+
+    def forward(self, x):  # (B, 3, 224, 224)
+        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))  # (B, 64, 56, 56)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))  # (B, 2048, 7, 7)
+        return x.mean(dim=(2, 3))  # (B, 2048): the globally average-pooled feature
+
+
+def build_imagenet_resnet(state_dict: dict) -> nn.Module:
+    """torchvision resnet50/101/152 from its state_dict (fc.* ignored), depth read off the keys."""
+    if "layer1.0.conv3.weight" not in state_dict:
+        raise ValueError("not a torchvision bottleneck-ResNet state_dict (no 'layer1.0.conv3.weight')")
+    layers = [_num_blocks(state_dict, f"layer{b}") for b in (1, 2, 3, 4)]
+    model = ResNet(layers, width=state_dict["conv1.weight"].shape[0])
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v
+                           for k, v in state_dict.items() if not k.startswith("fc.")})
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. The backbone registry
+
+
+@dataclass
+class Backbone:
+    """What extract() needs to know about a backbone; adding one = adding an entry to BACKBONES."""
+    name: str
+    kind: str              # "frames": one image per segment centre (later: "clips", "audio")
+    build: Callable        # state_dict -> nn.Module with .output_dim: to_input(batch) -> (B, output_dim)
+    preprocess: Callable   # in the decode workers: PIL image -> uint8 (H, W, 3)
+    to_input: Callable     # on the device: uint8 batch -> the model's float input
+    dim: int
+    url: str
+    sha256: str            # the full SHA-256 (OpenAI) or its prefix (torchvision's file names)
+    input_size: int = 224  # pixels of the square model input
+    preprocessing: str = ""  # human-readable, for meta.json
+
+
+def _clip(name, dim, sha, file, size=224):
+    """A CLIP visual encoder entry; OpenAI's URLs carry the file's SHA-256."""
+    return Backbone(
+        name=name, kind="frames", build=build_clip_visual, preprocess=partial(clip_preprocess, size=size),
+        to_input=lambda x: normalize(x, CLIP_MEAN, CLIP_STD), dim=dim,
+        url=f"https://openaipublic.azureedge.net/clip/models/{sha}/{file}", sha256=sha, input_size=size,
+        preprocessing=f"CLIP: shorter side {size} (PIL bicubic), centre crop {size}, RGB, /255, "
+                      f"mean {CLIP_MEAN}, std {CLIP_STD}")
+
+
+BACKBONES = {  # OpenAI's file SHA-256s as in openai/CLIP's clip.py _MODELS
+    "ViT-B/32": _clip("ViT-B/32", 512, "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af",
+                      "ViT-B-32.pt"),
+    "ViT-B/16": _clip("ViT-B/16", 512, "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f",
+                      "ViT-B-16.pt"),
+    "RN50": _clip("RN50", 1024, "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762", "RN50.pt"),
+    "RN101": _clip("RN101", 512, "8fa8567bab74a42d41c5915025a8e4538c3bdbe8804a470a72f30b0d94fab599", "RN101.pt"),
+    "RN50x4": _clip("RN50x4", 640, "7e526bd135e493cef0776de27d5f42653e6b4c8bf9e0f653bb11773263205fdd",
+                    "RN50x4.pt", size=288),
+    "resnet101": Backbone(  # INP: torchvision IMAGENET1K_V1, the classic ImageNet weights
+        name="resnet101", kind="frames", build=build_imagenet_resnet, preprocess=imagenet_preprocess,
+        to_input=lambda x: normalize(x, IMAGENET_MEAN, IMAGENET_STD), dim=2048,
+        url="https://download.pytorch.org/models/resnet101-63fe2227.pth", sha256="63fe2227",
+        preprocessing=f"ImageNet: shorter side 256 (PIL bilinear), centre crop 224, RGB, /255, "
+                      f"mean {IMAGENET_MEAN}, std {IMAGENET_STD}"),
+}
+
+# kind -> decode(path, n, spec, threads) -> uint8 array whose first axis is the N samples
+DECODERS = {
+    "frames": lambda path, n, spec, threads: decode_frames(path, n, spec.preprocess, threads),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Weights: download, verify, cache, load
+
+
+def cache_dir() -> Path:
+    """Where downloaded weights live: $DAP_CACHE, else ~/.cache/dap."""
+    return Path(os.environ.get("DAP_CACHE", "~/.cache/dap")).expanduser()
+
+
+def sha256_file(path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch_weights(spec: Backbone) -> Path:
+    """The verified cached checkpoint for `spec`, downloaded from its public URL if needed."""
+    target = cache_dir() / spec.url.rsplit("/", 1)[-1]
+    if target.is_file() and sha256_file(target).startswith(spec.sha256):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + f".part{os.getpid()}")
+    try:
+        print(f"downloading {spec.url} -> {target}", file=sys.stderr)
+        with urllib.request.urlopen(spec.url, timeout=60) as src, open(tmp, "wb") as dst:
+            for chunk in iter(lambda: src.read(1 << 20), b""):
+                dst.write(chunk)
+    except (urllib.error.URLError, OSError) as e:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"cannot download the {spec.name} weights from {spec.url} ({e}). Download that "
+                           f"file on a machine with internet access and pass it with --weights PATH "
+                           f"(or put it in {cache_dir()}, set by $DAP_CACHE).") from None
+    digest = sha256_file(tmp)
+    if not digest.startswith(spec.sha256):
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"{spec.url}: SHA-256 {digest} does not match the expected {spec.sha256}; file discarded")
+    os.replace(tmp, target)
+    return target
+
+
+def is_torchscript(path) -> bool:
+    """True for a TorchScript archive (a zip with a constants.pkl), like OpenAI's released .pt files."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(name.endswith("constants.pkl") for name in z.namelist())
+    except zipfile.BadZipFile:
+        return False
+
+
+def load_state_dict(path) -> dict:
+    """Tensors of a checkpoint: a TorchScript archive (OpenAI's .pt) or a plain state_dict (weights_only)."""
+    try:
+        if is_torchscript(path):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # jit.load is how OpenAI's files load
+                state_dict = torch.jit.load(str(path), map_location="cpu").state_dict()
+        else:
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
+        raise ValueError(f"{path}: neither a TorchScript archive nor a state_dict file "
+                         f"({type(e).__name__}: {e})") from None
+    if isinstance(state_dict, dict) and isinstance(state_dict.get("state_dict"), dict):
+        state_dict = state_dict["state_dict"]
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"{path}: expected a state_dict, got {type(state_dict).__name__}")
+    return {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+
+
+def weights_path(spec: Backbone, weights=None) -> Path:
+    """The checkpoint to load: --weights PATH if given (must exist), else the verified cached download."""
+    if weights is not None and not Path(weights).is_file():
+        raise FileNotFoundError(f"--weights {weights}: no such file")
+    return Path(weights) if weights is not None else fetch_weights(spec)
+
+
+def load_backbone(name: str, weights=None, device="cpu"):
+    """(model on device in eval mode, spec, weights SHA-256) for a registered backbone."""
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose from {', '.join(BACKBONES)}")
+    spec = BACKBONES[name]
+    path = weights_path(spec, weights)
+    model = spec.build(load_state_dict(path)).to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if getattr(model, "input_resolution", spec.input_size) != spec.input_size:
+        raise ValueError(f"{path}: the model takes {model.input_resolution}-px images, but {name} is "
+                         f"preprocessed to {spec.input_size} px; pick the --backbone these weights belong to")
+    if model.output_dim != spec.dim:
+        print(f"warning: {path} gives {model.output_dim}-d features; {name} gives {spec.dim}-d ones",
+              file=sys.stderr)
+    return model, spec, sha256_file(path)
+
+
+def load_clip_text(name: str, weights=None, device="cpu"):
+    """(CLIP text tower on device in eval mode, weights SHA-256) from the checkpoint of CLIP backbone `name`."""
+    if name not in BACKBONES or BACKBONES[name].build is not build_clip_visual:
+        clip_names = [k for k, b in BACKBONES.items() if b.build is build_clip_visual]
+        raise ValueError(f"{name!r} is not a CLIP backbone (no text tower); choose from {', '.join(clip_names)}")
+    path = weights_path(BACKBONES[name], weights)
+    model = build_clip_text(load_state_dict(path)).to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, sha256_file(path)
+
+
+@torch.inference_mode()
+def encode_captions(text_model: nn.Module, captions, prefix: str = "", batch_size: int = 256) -> torch.Tensor:
+    """Captions -> (B, D) float32 CLIP text embeddings (not normalised), each as `prefix + " " + caption`."""
+    prefix = prefix.rstrip() + " " if prefix else ""
+    device = text_model.text_projection.device
+    out = [text_model(tokenize([prefix + c for c in captions[s:s + batch_size]], text_model.context_length)
+                      .to(device)).float().cpu() for s in range(0, len(captions), batch_size)]
+    return torch.cat(out) if out else torch.zeros(0, text_model.output_dim)
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. The extraction loop
+
+
+def find_videos(inputs, list_file=None) -> list:
+    """Video paths from files, directories (recursive, by extension) and a list file, sorted, deduplicated."""
+    paths = []
+    for item in list(inputs) + ([line.strip() for line in Path(list_file).read_text().splitlines()
+                                 if line.strip()] if list_file else []):
+        p = Path(item)
+        if p.is_dir():
+            paths += [q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in VIDEO_EXTENSIONS]
+        else:
+            paths.append(p)  # named explicitly: taken whatever its extension (a missing one fails later)
+    paths = sorted({p.resolve(): p for p in paths}.values(), key=lambda p: (p.stem, str(p)))
+    stems = {}
+    for p in paths:
+        if p.stem in stems:
+            raise ValueError(f"two videos share the video_id {p.stem!r}: {stems[p.stem]} and {p}")
+        stems[p.stem] = p
+    return paths
+
+
+def _decode_job(path, n, backbone, threads):
+    """Worker: (video_id, frames or None, error or None); never raises, so one bad video fails alone."""
+    try:
+        if not Path(path).is_file():
+            raise VideoError("no such file")
+        if Path(path).stat().st_size == 0:
+            raise VideoError("empty file (0 bytes)")
+        spec = BACKBONES[backbone]
+        return Path(path).stem, DECODERS[spec.kind](path, n, spec, threads), None
+    except av.error.FFmpegError as e:
+        return Path(path).stem, None, f"not a readable video: {e.strerror or e} (FFmpeg {type(e).__name__})"
+    except Exception as e:  # noqa: BLE001 - every failure is reported per video
+        return Path(path).stem, None, f"{type(e).__name__}: {str(e).strip()}"
+
+
+def _atomic_write(path: Path, write: Callable):
+    """Call write(file) on a temporary file in the same folder, then rename: readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_features(path: Path, feats: np.ndarray):
+    """DIR/<video_id>.npy, float32 (N, D), written atomically."""
+    _atomic_write(path, lambda f: np.save(f, feats.astype(np.float32)))
+
+
+def _write_meta(out: Path, meta: dict):
+    """Write meta.json, or check that an existing one (a run being resumed) agrees with this run."""
+    path = out / "meta.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        keys = ("backbone", "weights_sha256", "frames", "dtype")
+        diff = {k: (old.get(k), meta[k]) for k in keys if old.get(k) != meta[k]}
+        if diff:
+            raise ValueError(f"{path} was written by a different run ({diff}, old vs new); "
+                             f"use another --out or delete that folder")
+        return
+    text = (json.dumps(meta, indent=1) + "\n").encode()
+    _atomic_write(path, lambda f: f.write(text))
+
+
+def _record_failure(out: Path, video_id: str, path, reason: str):
+    """One line on stderr and one appended to DIR/failed.txt: video_id<TAB>path<TAB>reason."""
+    print(f"FAILED {video_id} ({path}): {reason}", file=sys.stderr)
+    line = f"{video_id}\t{path}\t{' '.join(reason.split())}\n".encode()
+    fd = os.open(out / "failed.txt", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)  # one append per line: safe when several shards share DIR
+    finally:
+        os.close(fd)
+
+
+def _compact_failures(out: Path):
+    """Drop failed.txt lines of videos that now have features (fixed on a later run), and duplicates."""
+    path = out / "failed.txt"
+    if not path.is_file():
+        return
+    lines = OrderedDict()
+    for line in path.read_text().splitlines():
+        vid = line.split("\t", 1)[0]
+        if line and not (out / f"{vid}.npy").exists():
+            lines[vid] = line  # the latest reason wins
+    if lines:
+        text = ("\n".join(lines.values()) + "\n").encode()
+        _atomic_write(path, lambda f: f.write(text))
+    else:
+        path.unlink()
+
+
+def parse_shard(text: str):
+    """'i/n' -> (i, n) with 0 <= i < n."""
+    try:
+        i, n = (int(s) for s in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard {text!r}: expected i/n, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise ValueError(f"--shard {text!r}: need 0 <= i < n")
+    return i, n
+
+
+AMP_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class _Progress:
+    """A tqdm bar over videos with frames/s; silent when disabled."""
+
+    def __init__(self, total, enabled):
+        self.bar, self.frames, self.t0 = None, 0, time.time()
+        if enabled:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, unit="video", file=sys.stderr, dynamic_ncols=True)
+
+    def update(self, videos, frames):
+        self.frames += frames
+        if self.bar is not None:
+            self.bar.update(videos)
+            self.bar.set_postfix(frames_per_s=f"{self.frames / max(time.time() - self.t0, 1e-9):.0f}")
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def extract(videos, out, backbone="ViT-B/32", weights=None, frames=28, device=None, batch_size=256,
+            workers=None, dtype="fp32", shard=(0, 1), progress=True) -> dict:
+    """Features for every video (missing ones only) -> out/<video_id>.npy; returns a summary dict.
+
+    videos: list of paths (see find_videos). Decoding runs in `workers` processes (0: in this one);
+    frames of several videos are batched together for the backbone on `device` (default: cuda if present).
+    """
+    if dtype not in AMP_DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: choose from {', '.join(AMP_DTYPES)}")
+    if frames < 1:
+        raise ValueError(f"--frames must be >= 1, got {frames}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if workers is None:
+        workers = min(os.cpu_count() or 1, 16)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    i, n = shard
+    videos = [Path(v) for v in videos][i::n]
+    todo = [v for v in videos if not (out / f"{v.stem}.npy").exists()]
+
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.allow_tf32 = dtype != "fp32"  # fp32 means fp32: no TF32 convs either
+        torch.backends.cuda.matmul.allow_tf32 = dtype != "fp32"
+    model, spec, weights_sha = load_backbone(backbone, weights, device)
+    _write_meta(out, {
+        "backbone": backbone, "kind": spec.kind, "feature_dim": model.output_dim, "frames": frames, "dtype": dtype,
+        "weights": Path(weights).name if weights else spec.url, "weights_sha256": weights_sha,
+        "frame_sampling": "F decodable frames, indices floor((i + 0.5) * F / N), i = 0..N-1",
+        "preprocessing": spec.preprocessing, "format": "<video_id>.npy: float32 (N, feature_dim)",
+    })
+    amp = AMP_DTYPES[dtype]
+
+    @torch.inference_mode()
+    def encode(batch: np.ndarray) -> np.ndarray:
+        """(B, ...) uint8 -> (B, D) float32 features, in chunks of batch_size on the device."""
+        outs = []
+        for s in range(0, len(batch), batch_size):
+            x = torch.from_numpy(batch[s:s + batch_size])
+            if device.type == "cuda":
+                x = x.pin_memory()
+            x = spec.to_input(x.to(device, non_blocking=True))
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                outs.append(model(x).float())
+        return torch.cat(outs).cpu().numpy()
+
+    summary = {"done": 0, "skipped": len(videos) - len(todo), "failed": [], "frames": 0}
+    bar = _Progress(len(todo), progress)
+    pending = []  # (video_id, (N, ...) uint8) waiting for a full batch
+
+    def flush():
+        """Encode all pending videos as one batch stream and write their features."""
+        if not pending:
+            return
+        feats = encode(np.concatenate([f for _, f in pending]))  # (sum N, D)
+        for (vid, f), y in zip(pending, np.split(feats, np.cumsum([len(f) for _, f in pending])[:-1])):
+            save_features(out / f"{vid}.npy", y)
+        bar.update(len(pending), len(feats))
+        summary["done"] += len(pending)
+        summary["frames"] += len(feats)
+        pending.clear()
+
+    def consume(result, path):
+        vid, arr, error = result
+        if error is not None:
+            summary["failed"].append((vid, str(path), error))
+            _record_failure(out, vid, path, error)
+            bar.update(1, 0)
+            return
+        pending.append((vid, arr))
+        if sum(len(a) for _, a in pending) >= batch_size:
+            flush()
+
+    threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
+    try:
+        if workers == 0:
+            for path in todo:
+                consume(_decode_job(str(path), frames, backbone, threads), path)
+        else:
+            ctx = multiprocessing.get_context("spawn")  # safe next to CUDA and torch's threads
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+                queue, in_flight = iter(todo), {}
+                while True:
+                    while len(in_flight) < 2 * workers:  # bounded read-ahead: memory stays bounded
+                        path = next(queue, None)
+                        if path is None:
+                            break
+                        in_flight[pool.submit(_decode_job, str(path), frames, backbone, threads)] = path
+                    if not in_flight:
+                        break
+                    finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                    for fut in finished:
+                        consume(fut.result(), in_flight.pop(fut))
+        flush()
+    finally:
+        bar.close()
+        _compact_failures(out)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Command line
+
+
+def main(argv=None) -> int:
+    """The CLI; returns the exit status (1 if any video failed)."""
+    p = argparse.ArgumentParser(description="Frozen backbone features from videos -> DIR/<video_id>.npy (N, D)")
+    p.add_argument("videos", nargs="*", help="video files and/or folders (searched recursively)")
+    p.add_argument("--list", help="a text file with one video path per line")
+    p.add_argument("--out", required=True, help="output folder, e.g. feats/image")
+    p.add_argument("--backbone", default="ViT-B/32", choices=list(BACKBONES))
+    p.add_argument("--weights", help="checkpoint file (else downloaded from the public URL and cached)")
+    p.add_argument("--frames", type=int, default=28, help="N frames per video (paper: 28)")
+    p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--batch_size", type=int, default=256, help="frames per backbone batch")
+    p.add_argument("--workers", type=int, help="decoding processes (default: CPU count, at most 16; 0 = none)")
+    p.add_argument("--dtype", default="fp32", choices=list(AMP_DTYPES),
+                   help="fp32 (default, as the paper) or fp16/bf16 autocast: faster on GPU, features differ")
+    p.add_argument("--shard", default="0/1", help="i/n: process every n-th video starting at the i-th")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    try:
+        videos = find_videos(args.videos, args.list)
+        if not videos:
+            p.error("no videos given (pass files, folders or --list FILE)")
+        summary = extract(videos, args.out, args.backbone, args.weights, args.frames, args.device, args.batch_size,
+                          args.workers, args.dtype, parse_shard(args.shard), not args.no_progress)
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{summary['done']} written, {summary['skipped']} already there, {len(summary['failed'])} failed "
+          f"(see {Path(args.out) / 'failed.txt'})" if summary["failed"] else
+          f"{summary['done']} written, {summary['skipped']} already there", file=sys.stderr)
+    return 1 if summary["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,578 @@
+"""extract.py: frame sampling, preprocessing, backbone conformance with the reference code, the extraction loop."""
+import ast
+import glob
+import hashlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+import typing
+import warnings
+import zipfile
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+import extract
+
+N_TEST_FRAMES = 40  # frames in the generated test video
+CLIP_MEAN, CLIP_STD = np.array([0.48145466, 0.4578275, 0.40821073]), np.array([0.26862954, 0.26130258, 0.27577711])
+
+
+# ----------------------------------------------------------------------------------------------
+# fixtures: a generated video, reference code, tiny random checkpoints in the public layouts
+
+
+def frame_level(k):
+    """Grey level of frame k of the test video: frames are told apart by their brightness."""
+    return 10 + 5 * k
+
+
+def write_video(path, n_frames=N_TEST_FRAMES, size=(64, 48), codec="libx264", options=None):
+    """A video whose frame k is a flat grey frame_level(k) with a small coloured square (PyAV)."""
+    w, h = size
+    with av.open(str(path), "w", options=options or {}) as container:
+        stream = container.add_stream(codec, rate=25)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.options = {"qscale": "1"} if codec == "mpeg4" else {"crf": "0"}
+        for k in range(n_frames):
+            img = np.full((h, w, 3), frame_level(k), np.uint8)
+            img[4:12, 4:12] = (200, 30, 30)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+@pytest.fixture(scope="session")
+def video(tmp_path_factory):
+    """The generated 64x48, 40-frame mp4."""
+    return write_video(tmp_path_factory.mktemp("video") / "tiny.mp4")
+
+
+def load_reference_clip():
+    """OpenAI's clip/model.py from the installed openai-clip package, loaded as a single file."""
+    candidates = glob.glob(os.path.join(sysconfig.get_paths()["purelib"], "clip", "model.py"))
+    if not candidates:
+        pytest.skip("openai-clip is not installed (pip install --no-deps openai-clip): no reference model.py")
+    spec = importlib.util.spec_from_file_location("openai_clip_model", candidates[0])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def randomize_(model, seed=0, forward=None):
+    """Random norm scales and biases on top of the default (random) init; BatchNorm statistics calibrated
+    on random images by `forward` (so that deep random nets still depend on their input); everything
+    fp16-representable like OpenAI's fp16 checkpoints (the reference build_model rounds weights to fp16)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            noise = torch.randn(t.shape, generator=g) if t.is_floating_point() else None
+            if name.endswith("bias"):
+                t.copy_(0.1 * noise)
+            elif name.endswith(".weight") and t.dim() == 1:  # BatchNorm / LayerNorm scales
+                t.copy_(1 + 0.1 * noise)
+        if forward is not None:
+            bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+            for bn in bns:
+                bn.reset_running_stats()
+                bn.momentum = None  # cumulative average over the calibration batch
+            model.train()
+            forward(model, torch.randn(4, 3, 224, 224, generator=g))
+            for bn in bns:
+                bn.momentum = 0.1
+        for t in model.state_dict().values():
+            if t.is_floating_point():
+                t.copy_(t.half().float())
+    return model.eval()
+
+
+def tiny_reference_clip(ref, vision_layers, vision_width, patch):
+    """A tiny OpenAI CLIP (64-d embedding, 1-layer text tower) with random weights."""
+    model = ref.CLIP(64, 224, vision_layers, vision_width, patch, 77, 100, 64, 1, 1)
+    return randomize_(model, forward=lambda m, x: m.visual(x))
+
+
+@pytest.fixture(scope="session")
+def clip_ckpts(tmp_path_factory):
+    """Tiny CLIP checkpoints: ViT (TorchScript archive, like OpenAI's .pt) and ModifiedResNet (state_dict)."""
+    ref = load_reference_clip()
+    d = tmp_path_factory.mktemp("clip")
+    vit = tiny_reference_clip(ref, 2, 128, 32)  # width 128 -> 2 heads, 7x7 patches
+    vit.register_buffer("input_resolution", torch.tensor(224))  # OpenAI's archives carry it too
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracing a model with Python control flow warns; the weights are what matter
+        traced = torch.jit.trace(vit, (torch.zeros(1, 3, 224, 224), torch.zeros(1, 77, dtype=torch.long)), check_trace=False)
+    traced.half().save(str(d / "vit.pt"))  # fp16, as released
+    rn = tiny_reference_clip(ref, (1, 2, 1, 1), 8, None)  # width 8 -> 4 heads in the attention pool
+    torch.save(rn.state_dict(), d / "rn.pt")
+    return {"ref": ref, "vit": d / "vit.pt", "vit_model": vit, "rn": d / "rn.pt", "rn_model": rn}
+
+
+def tiny_resnet_state_dict(seed=0, width=64):
+    """torchvision-layout ResNet state_dict with 1 bottleneck per stage (fc included, as torchvision saves)."""
+    model = randomize_(extract.ResNet(layers=(1, 1, 1, 1), width=width), seed, forward=lambda m, x: m(x[..., :64, :64]))
+    sd, dim = model.state_dict(), model.output_dim
+    g = torch.Generator().manual_seed(seed + 1)
+    sd["fc.weight"], sd["fc.bias"] = torch.randn(1000, dim, generator=g), torch.randn(1000, generator=g)
+    return sd
+
+
+@pytest.fixture(scope="session")
+def resnet_ckpt(tmp_path_factory):
+    """A tiny torchvision-layout ResNet checkpoint file."""
+    path = tmp_path_factory.mktemp("resnet") / "resnet-tiny.pth"
+    torch.save(tiny_resnet_state_dict(width=16), path)  # 16-512 channels: 512-d features
+    return path
+
+
+def pil_clip_reference(img, new_size, box):
+    """OpenAI's transform spelled out with PIL and numpy for known sizes: (3, 224, 224) float."""
+    x = np.asarray(img.resize(new_size, Image.BICUBIC).crop(box).convert("RGB"), np.float64) / 255.0
+    return ((x - CLIP_MEAN) / CLIP_STD).transpose(2, 0, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# frame sampling and decoding
+
+
+def test_sample_indices_are_segment_centres():
+    assert extract.sample_indices(10, 4).tolist() == [1, 3, 6, 8]  # floor(1.25, 3.75, 6.25, 8.75)
+    assert extract.sample_indices(3, 7).tolist() == [0, 0, 1, 1, 1, 2, 2]  # shorter than N: repeats
+    assert extract.sample_indices(28, 28).tolist() == list(range(28))
+    assert extract.sample_indices(1323, 28)[[0, -1]].tolist() == [23, 1299]
+    with pytest.raises(ValueError):
+        extract.sample_indices(0, 28)
+
+
+def grey_levels(frames):
+    """Index of the test-video frame each decoded frame is, from its brightness away from the square."""
+    return [int(round((f[20:, 20:].mean() - 10) / 5)) for f in frames]
+
+
+@pytest.mark.parametrize("n", [8, 40, 50])
+def test_decode_keeps_the_sampled_frames(video, n):
+    frames = extract.decode_frames(video, n, np.asarray)  # identity preprocessing: (N, 48, 64, 3)
+    assert frames.shape == (n, 48, 64, 3) and frames.dtype == np.uint8
+    assert grey_levels(frames) == extract.sample_indices(N_TEST_FRAMES, n).tolist()
+
+
+def test_decode_counts_frames_when_the_container_does_not_say(tmp_path):
+    path = write_video(tmp_path / "nocount.mkv")  # Matroska has no frame count: two-pass path
+    with av.open(str(path)) as c:
+        assert c.streams.video[0].frames == 0
+    assert grey_levels(extract.decode_frames(path, 8, np.asarray)) == extract.sample_indices(N_TEST_FRAMES, 8).tolist()
+
+
+def test_truncated_video_uses_its_decodable_frames(tmp_path):
+    """Index at the front (faststart), data cut after 20 of 40 frames: F = 20 decodable frames, not 40."""
+    path = write_video(tmp_path / "full.mp4", options={"movflags": "faststart"})
+    with av.open(str(path)) as c:
+        offsets = [p.pos for p in c.demux(video=0) if p.size]
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(path.read_bytes()[:offsets[20]])
+    with av.open(str(cut)) as c:
+        assert c.streams.video[0].frames == N_TEST_FRAMES  # the container still claims 40
+    assert grey_levels(extract.decode_frames(cut, 8, np.asarray)) == extract.sample_indices(20, 8).tolist()
+
+
+def test_decode_bad_files_raise_clearly(tmp_path):
+    (tmp_path / "text.mp4").write_text("this is not a video\n")
+    with pytest.raises(av.error.FFmpegError):
+        extract.decode_frames(tmp_path / "text.mp4", 4, np.asarray)
+    with av.open(str(tmp_path / "audio.wav"), "w") as c:  # a file with no video stream
+        s = c.add_stream("pcm_s16le", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
+        frame.sample_rate = 8000
+        for p in list(s.encode(frame)) + list(s.encode()):
+            c.mux(p)
+    with pytest.raises(extract.VideoError, match="no video stream"):
+        extract.decode_frames(tmp_path / "audio.wav", 4, np.asarray)
+
+
+# ----------------------------------------------------------------------------------------------
+# preprocessing versus PIL references with hand-computed sizes
+
+
+@pytest.mark.parametrize("size,new_size,box", [
+    ((320, 240), (298, 224), (37, 0, 261, 224)),     # 224 * 320 / 240 = 298.67 -> 298; (298 - 224) / 2 = 37
+    ((240, 320), (224, 298), (0, 37, 224, 261)),
+    ((176, 144), (273, 224), (24, 0, 248, 224)),     # 273.78 -> 273; 24.5 -> round half to even 24
+    ((1280, 720), (398, 224), (87, 0, 311, 224)),    # 398.2 -> 398; 87
+])
+def test_clip_preprocess_matches_pil_reference(size, new_size, box):
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    x = extract.normalize(torch.tensor(extract.clip_preprocess(img))[None], extract.CLIP_MEAN, extract.CLIP_STD)[0]
+    np.testing.assert_allclose(x.numpy(), pil_clip_reference(img, new_size, box), atol=1e-5)
+
+
+def test_imagenet_preprocess_matches_pil_reference():
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (240, 320, 3), dtype=np.uint8))
+    ref = np.asarray(img.resize((341, 256), Image.BILINEAR).crop((58, 16, 282, 240)), np.float64) / 255.0  # 341.33
+    ref = ((ref - np.array(extract.IMAGENET_MEAN)) / np.array(extract.IMAGENET_STD)).transpose(2, 0, 1)
+    x = extract.normalize(torch.tensor(extract.imagenet_preprocess(img))[None], extract.IMAGENET_MEAN, extract.IMAGENET_STD)[0]
+    np.testing.assert_allclose(x.numpy(), ref, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# backbone conformance with OpenAI's model.py and torchvision's resnet.py
+
+
+@pytest.mark.parametrize("which", ["vit", "rn"])
+def test_clip_visual_matches_openai_encode_image(clip_ckpts, which):
+    ref = clip_ckpts["ref"]
+    sd = extract.load_state_dict(clip_ckpts[which])  # TorchScript archive (vit) or plain state_dict (rn)
+    reference = ref.build_model({k: v.clone() for k, v in sd.items()}).float().eval()  # as clip.load on CPU
+    ours = extract.build_clip_visual(sd)
+    assert isinstance(ours, extract.VisionTransformer if which == "vit" else extract.ModifiedResNet)
+    x = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = reference.encode_image(x), ours(x)
+    assert got.shape == (3, 64) and (want - want.mean(0)).abs().max() > 1e-2  # depends on its input
+    assert (got - want).abs().max() < 1e-4
+
+
+RELEASED_CLIP = {  # OpenAI's released visual encoders
+    "ViT-B/32": dict(arch="vit", input_resolution=224, patch_size=32, width=768, layers=12, heads=12, output_dim=512),
+    "ViT-B/16": dict(arch="vit", input_resolution=224, patch_size=16, width=768, layers=12, heads=12, output_dim=512),
+    "RN50": dict(arch="resnet", layers=[3, 4, 6, 3], output_dim=1024, heads=32, input_resolution=224, width=64),
+    "RN101": dict(arch="resnet", layers=[3, 4, 23, 3], output_dim=512, heads=32, input_resolution=224, width=64),
+    "RN50x4": dict(arch="resnet", layers=[4, 6, 10, 6], output_dim=640, heads=40, input_resolution=288, width=80),
+}
+
+
+@pytest.mark.parametrize("name", list(RELEASED_CLIP))
+def test_clip_config_is_read_off_the_shapes(name):
+    """The released architectures are recovered from their reference state_dicts' shapes alone."""
+    ref, cfg = load_reference_clip(), RELEASED_CLIP[name]
+    with torch.device("meta"):  # shapes only, no memory
+        vit = cfg["arch"] == "vit"
+        model = ref.CLIP(cfg["output_dim"], cfg["input_resolution"], cfg["layers"], cfg["width"],
+                         cfg.get("patch_size"), 77, 49408, 512, 8, 12)
+    assert extract.clip_visual_config(model.state_dict()) == cfg
+    assert extract.BACKBONES[name].dim == cfg["output_dim"]
+    assert extract.BACKBONES[name].input_size == cfg["input_resolution"]  # RN50x4: 288 px
+    heads = model.visual.transformer.resblocks[0].attn.num_heads if vit else model.visual.attnpool.num_heads
+    assert heads == cfg["heads"]
+
+
+RESNET101_LAYOUT_SHA256 = "e0e4b4ababa6968b1645df803a40d18a45ec23658a671a8a7653a2e13b5b2dc3"
+
+
+def test_resnet101_has_torchvision_key_layout():
+    """Key names and shapes equal torchvision 0.28.0's resnet101().state_dict() (626 tensors, hashed)."""
+    with torch.device("meta"):
+        sd = {k: tuple(v.shape) for k, v in extract.ResNet().state_dict().items()}
+    sd.update({"fc.weight": (1000, 2048), "fc.bias": (1000,)})
+    text = "\n".join(f"{k}:{shape}" for k, shape in sorted(sd.items()))
+    assert len(sd) == 626 and hashlib.sha256(text.encode()).hexdigest() == RESNET101_LAYOUT_SHA256
+
+
+def load_torchvision_resnet():
+    """torchvision's models/resnet.py: from torchvision if importable, else from a wheel ($DAP_TORCHVISION_WHEEL)."""
+    try:
+        from torchvision.models import resnet
+        return resnet.ResNet, resnet.Bottleneck
+    except Exception:  # noqa: BLE001 - torchvision missing or not importable next to this torch
+        pass
+    wheel = os.environ.get("DAP_TORCHVISION_WHEEL")
+    if not wheel or not Path(wheel).is_file():
+        pytest.skip("torchvision is not importable here; to run this check, `pip download torchvision --no-deps` "
+                    "and set DAP_TORCHVISION_WHEEL to the wheel")
+    tree = ast.parse(zipfile.ZipFile(wheel).read("torchvision/models/resnet.py").decode())
+    wanted = {"conv3x3", "conv1x1", "BasicBlock", "Bottleneck", "ResNet"}
+    body = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name in wanted]
+    ns = {"torch": torch, "nn": nn, "Tensor": torch.Tensor, "_log_api_usage_once": lambda *a: None,
+          **{k: getattr(typing, k) for k in ("Any", "Callable", "Optional", "Union", "List", "Type")}}
+    exec(compile(ast.Module(body=body, type_ignores=[]), "torchvision/models/resnet.py", "exec"), ns)
+    return ns["ResNet"], ns["Bottleneck"]
+
+
+def test_resnet_matches_torchvision_without_fc():
+    tv_resnet, tv_bottleneck = load_torchvision_resnet()
+    with torch.device("meta"):
+        full = {k: v.shape for k, v in tv_resnet(tv_bottleneck, [3, 4, 23, 3]).state_dict().items()}
+        ours = {k: v.shape for k, v in extract.ResNet().state_dict().items()}
+    assert full == ours | {"fc.weight": (1000, 2048), "fc.bias": (1000,)}  # resnet101: same names, same shapes
+    reference = tv_resnet(tv_bottleneck, [1, 1, 1, 1]).eval()
+    reference.load_state_dict(tiny_resnet_state_dict(seed=3))
+    reference.fc = nn.Identity()
+    ours = extract.build_imagenet_resnet(reference.state_dict() | {"fc.weight": torch.zeros(1000, 2048), "fc.bias": torch.zeros(1000)})
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))  # any size: global pooling
+    with torch.no_grad():
+        want, got = reference(x), ours(x)
+    assert got.shape == (2, 2048) and (want - want.mean(0)).abs().max() > 1e-2  # depends on its input
+    assert (got - want).abs().max() < 1e-4
+
+
+# ----------------------------------------------------------------------------------------------
+# weights: download, verify, cache, clear errors
+
+
+def test_fetch_weights_verifies_and_caches(tmp_path, monkeypatch):
+    payload = tmp_path / "srv" / "w.pt"
+    payload.parent.mkdir()
+    payload.write_bytes(b"weights")
+    digest = hashlib.sha256(b"weights").hexdigest()
+    monkeypatch.setenv("DAP_CACHE", str(tmp_path / "cache"))
+    spec = extract.Backbone("t", "frames", None, None, None, 1, payload.as_uri(), digest)
+    assert extract.fetch_weights(spec).read_bytes() == b"weights"
+    payload.unlink()  # cached: no second download
+    assert extract.fetch_weights(spec) == tmp_path / "cache" / "w.pt"
+    bad = tmp_path / "srv" / "bad.pt"
+    bad.write_bytes(b"tampered")
+    with pytest.raises(RuntimeError, match="does not match"):
+        extract.fetch_weights(extract.Backbone("t", "frames", None, None, None, 1, bad.as_uri(), digest))
+    assert not (tmp_path / "cache" / "bad.pt").exists()  # never kept, never unpickled
+
+
+def test_fetch_weights_without_network_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("DAP_CACHE", str(tmp_path))
+    url = "http://127.0.0.1:9/ViT-B-32.pt"  # nothing listens on the discard port
+    with pytest.raises(RuntimeError, match="--weights") as e:
+        extract.fetch_weights(extract.Backbone("ViT-B/32", "frames", None, None, None, 512, url, "00"))
+    assert url in str(e.value)
+
+
+def test_weights_for_another_input_size_are_refused(clip_ckpts):
+    with pytest.raises(ValueError, match="224-px images, but RN50x4 is preprocessed to 288 px"):
+        extract.load_backbone("RN50x4", clip_ckpts["rn"])
+
+
+def test_registry_urls_equal_openai_clip_models():
+    """The CLIP URLs are those of openai/CLIP's clip.py _MODELS (read as text: `import clip` needs torchvision)."""
+    path = Path(load_reference_clip().__file__).with_name("clip.py")
+    tree = ast.parse(path.read_text())
+    models = next(ast.literal_eval(n.value) for n in tree.body
+                  if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", None) == "_MODELS")
+    for name in ["ViT-B/32", "ViT-B/16", "RN50", "RN101", "RN50x4"]:
+        assert extract.BACKBONES[name].url == models[name]
+
+
+def test_registry_urls_carry_their_hashes():
+    for name, spec in extract.BACKBONES.items():
+        assert spec.sha256 in spec.url, name
+    assert extract.BACKBONES["resnet101"].url.endswith("resnet101-63fe2227.pth")  # IMAGENET1K_V1
+
+
+def test_bad_weights_files(tmp_path):
+    (tmp_path / "junk.pt").write_text("hello")
+    with pytest.raises(ValueError, match="junk.pt"):
+        extract.load_state_dict(tmp_path / "junk.pt")
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        extract.load_backbone("RN50", tmp_path / "missing.pt")
+    with pytest.raises(ValueError, match="unknown backbone"):
+        extract.load_backbone("ViT-H/14", tmp_path / "junk.pt")
+    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "notclip.pt")
+    with pytest.raises(ValueError, match="not a CLIP checkpoint"):
+        extract.load_backbone("ViT-B/32", tmp_path / "notclip.pt")
+
+
+# ----------------------------------------------------------------------------------------------
+# the extraction loop
+
+
+def reference_features(ref_model, video, n):
+    """encode_image of the reference model on frames decoded by plain PyAV and preprocessed by PIL."""
+    wanted = extract.sample_indices(N_TEST_FRAMES, n).tolist()
+    with av.open(str(video)) as c:
+        frames = [f.to_image() for k, f in enumerate(c.decode(video=0)) if k in wanted]
+    frames = [frames[sorted(set(wanted)).index(k)] for k in wanted]
+    x = torch.tensor(np.stack([pil_clip_reference(f, (298, 224), (37, 0, 261, 224)) for f in frames]), dtype=torch.float32)
+    with torch.no_grad():
+        return ref_model.float().encode_image(x).numpy()
+
+
+def test_extract_end_to_end_equals_reference(clip_ckpts, tmp_path):
+    """Video file -> .npy equals OpenAI's encode_image on the same frames; meta.json describes the run."""
+    src = tmp_path / "in"
+    src.mkdir()
+    write_video(src / "v0.mp4", size=(320, 240))
+    out = tmp_path / "out"
+    summary = extract.extract([src / "v0.mp4"], out, "ViT-B/32", clip_ckpts["vit"], frames=6, workers=0, progress=False)
+    assert summary["done"] == 1 and summary["failed"] == []
+    got = np.load(out / "v0.npy")
+    assert got.dtype == np.float32 and got.shape == (6, 64)
+    want = reference_features(clip_ckpts["vit_model"].half().float(), src / "v0.mp4", 6)
+    assert np.abs(got - want).max() < 1e-4
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["backbone"] == "ViT-B/32" and meta["frames"] == 6 and meta["dtype"] == "fp32"
+    assert meta["weights_sha256"] == hashlib.sha256(clip_ckpts["vit"].read_bytes()).hexdigest()
+    assert meta["feature_dim"] == 64 and "bicubic" in meta["preprocessing"]
+
+
+def make_videos(folder, names, video):
+    """Copies of the test video under the given names."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).write_bytes(video.read_bytes())
+    return sorted(folder.iterdir())
+
+
+def test_resume_after_interruption(clip_ckpts, video, tmp_path, monkeypatch):
+    videos = make_videos(tmp_path / "in", ["a.mp4", "b.mp4", "c.mp4"], video)
+    out = tmp_path / "out"
+    real_save, calls = extract.save_features, []
+
+    def save_then_die(path, feats):
+        if calls:
+            raise KeyboardInterrupt  # killed while writing the second video
+        calls.append(path)
+        real_save(path, feats)
+
+    monkeypatch.setattr(extract, "save_features", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        extract.extract(videos, out, "RN50", clip_ckpts["rn"], frames=4, batch_size=4, workers=0, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["a.npy", "meta.json"]  # no half-written files
+    first = (out / "a.npy").stat().st_mtime_ns
+    monkeypatch.setattr(extract, "save_features", real_save)
+    summary = extract.extract(videos, out, "RN50", clip_ckpts["rn"], frames=4, batch_size=4, workers=0, progress=False)
+    assert (summary["skipped"], summary["done"]) == (1, 2)
+    assert (out / "a.npy").stat().st_mtime_ns == first
+    np.testing.assert_array_equal(np.load(out / "a.npy"), np.load(out / "b.npy"))  # same video, same features
+    with pytest.raises(ValueError, match="different run"):  # resuming with other settings is refused
+        extract.extract(videos, out, "RN50", clip_ckpts["rn"], frames=8, workers=0, progress=False)
+
+
+def test_bad_files_are_reported_and_the_run_goes_on(clip_ckpts, video, tmp_path, capsys):
+    src = tmp_path / "in"
+    make_videos(src, ["good.mp4"], video)
+    (src / "empty.mp4").write_bytes(b"")
+    (src / "notes.mp4").write_text("not a video\n")
+    (src / "cut.mp4").write_bytes(video.read_bytes()[: video.stat().st_size // 2])
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{src / 'missing.mp4'}\n")
+    out = tmp_path / "out"
+    rc = extract.main([str(src), "--list", str(listing), "--out", str(out), "--backbone", "RN50",
+                       "--weights", str(clip_ckpts["rn"]), "--frames", "4", "--workers", "0", "--no_progress"])
+    assert rc == 1
+    assert np.load(out / "good.npy").shape == (4, 64)
+    failed = dict(line.split("\t")[::2] for line in (out / "failed.txt").read_text().splitlines())
+    assert sorted(failed) == ["cut", "empty", "missing", "notes"]
+    assert "0 bytes" in failed["empty"] and "no such file" in failed["missing"]
+    err = capsys.readouterr().err
+    assert all(f"FAILED {v}" in err for v in failed)
+    (src / "empty.mp4").write_bytes(video.read_bytes())  # fixed: the next run clears its failed.txt line
+    extract.main([str(src), "--out", str(out), "--backbone", "RN50", "--weights", str(clip_ckpts["rn"]),
+                  "--frames", "4", "--workers", "0", "--no_progress"])
+    still = sorted(line.split("\t")[0] for line in (out / "failed.txt").read_text().splitlines())
+    assert still == ["cut", "missing", "notes"]  # 'missing' was not in that run: its line stays
+
+
+def test_short_video_repeats_frames(clip_ckpts, video, tmp_path):
+    out = tmp_path / "out"
+    extract.extract([video], out, "RN50", clip_ckpts["rn"], frames=50, workers=0, progress=False)
+    feats = np.load(out / "tiny.npy")
+    assert feats.shape == (50, 64)
+    idx = extract.sample_indices(N_TEST_FRAMES, 50)
+    assert idx[:5].tolist() == [0, 1, 2, 2, 3]  # floor((i + 0.5) * 40 / 50)
+    for i, j in [(1, 2), (2, 3), (3, 4)]:  # the same source frame gives the same feature, others differ
+        assert (idx[i] == idx[j]) == np.array_equal(feats[i], feats[j])
+
+
+def test_shards_split_and_workers_agree(clip_ckpts, video, tmp_path):
+    videos = make_videos(tmp_path / "in", [f"v{i}.mp4" for i in range(3)], video)
+    out = tmp_path / "out"
+    s0 = extract.extract(videos, out, "RN50", clip_ckpts["rn"], frames=4, workers=0, shard=(0, 2), progress=False)
+    assert sorted(p.name for p in out.glob("*.npy")) == ["v0.npy", "v2.npy"] and s0["done"] == 2
+    s1 = extract.extract(videos, out, "RN50", clip_ckpts["rn"], frames=4, workers=2, shard=(1, 2), progress=False)
+    assert s1["done"] == 1 and sorted(p.name for p in out.glob("*.npy")) == ["v0.npy", "v1.npy", "v2.npy"]
+    np.testing.assert_allclose(np.load(out / "v1.npy"), np.load(out / "v0.npy"), atol=1e-6)  # worker processes
+    with pytest.raises(ValueError, match="0 <= i < n"):
+        extract.parse_shard("2/2")
+
+
+def test_resnet101_backbone_and_bf16(resnet_ckpt, video, tmp_path):
+    out = tmp_path / "out"
+    extract.extract([video], out, "resnet101", resnet_ckpt, frames=3, workers=0, progress=False)
+    feats = np.load(out / "tiny.npy")
+    model = extract.build_imagenet_resnet(torch.load(resnet_ckpt, weights_only=True))
+    frames = extract.decode_frames(video, 3, extract.imagenet_preprocess)
+    with torch.no_grad():
+        want = model(extract.normalize(torch.from_numpy(frames), extract.IMAGENET_MEAN, extract.IMAGENET_STD)).numpy()
+    assert feats.shape == (3, 512) and np.abs(feats - want).max() < 1e-4
+    extract.extract([video], tmp_path / "bf16", "resnet101", resnet_ckpt, frames=3, workers=0, dtype="bf16", progress=False)
+    low = np.load(tmp_path / "bf16" / "tiny.npy")
+    assert low.dtype == np.float32 and np.abs(low - feats).max() < 0.05 * np.abs(feats).max()
+
+
+def test_find_videos(tmp_path, video):
+    make_videos(tmp_path / "a" / "b", ["x.mp4", "y.MKV"], video)
+    (tmp_path / "a" / "readme.txt").write_text("x")
+    assert [p.name for p in extract.find_videos([tmp_path / "a"])] == ["x.mp4", "y.MKV"]
+    make_videos(tmp_path / "c", ["x.avi"], video)
+    with pytest.raises(ValueError, match="share the video_id 'x'"):
+        extract.find_videos([tmp_path / "a", tmp_path / "c"])
+
+
+# ----------------------------------------------------------------------------------------------
+# the real videos in ../shared
+
+
+def test_shared_videos_decode(shared_dir):
+    """720p with audio, no audio, 176x144: the sampled frames equal a plain PyAV decode at those indices."""
+    for name, count in [("bigbuckbunny.mp4", 132), ("bikes.mp4", 250), ("carphone.mp4", 120)]:
+        path = shared_dir / "data" / "videos" / name
+        frames = extract.decode_frames(path, 28, extract.clip_preprocess)
+        wanted = extract.sample_indices(count, 28).tolist()
+        ref, decoded = {}, 0
+        with av.open(str(path)) as c:
+            for frame in c.decode(video=0):
+                if decoded in wanted:
+                    ref[decoded] = extract.clip_preprocess(frame.to_image())
+                decoded += 1
+        assert decoded == count, name
+        assert frames.shape == (28, 224, 224, 3)
+        np.testing.assert_array_equal(frames, np.stack([ref[k] for k in wanted]), err_msg=name)
+
+
+def test_long_720p_video_decodes_in_bounded_memory(shared_dir):
+    """The 55-s 720p trailer (1,323 frames, 3.6 GB as RGB) decodes with a small peak RSS increase."""
+    path = shared_dir / "data" / "videos" / "trailer_bbb.mp4"
+    code = ("import resource, sys, extract\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "x = extract.decode_frames(sys.argv[1], 28, extract.clip_preprocess)\n"
+            "print(x.shape[0], before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+    res = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120,
+                         cwd=Path(extract.__file__).parent)
+    assert res.returncode == 0, res.stderr
+    n, before_kb, after_kb = map(int, res.stdout.split())
+    assert n == 28
+    assert (after_kb - before_kb) / 1024 < 200, f"peak RSS grew by {(after_kb - before_kb) / 1024:.0f} MiB"
+
+
+# ----------------------------------------------------------------------------------------------
+# train.py trains on what extract.py wrote
+
+
+def test_train_reads_extracted_features(clip_ckpts, video, tmp_path):
+    """A tiny MSR-VTT-format dataset whose image features come from extract.py; one epoch of train.py."""
+    train = pytest.importorskip("train")
+    ids = [f"video{i}" for i in range(6)]
+    splits = ["train", "train", "train", "validate", "test", "test"]
+    words = ["a man is cooking food", "a dog runs in a park", "a man is playing a guitar"]
+    info = {"info": {}, "videos": [{"video_id": v, "category": i % 2, "split": s, "id": i} for i, (v, s) in enumerate(zip(ids, splits))],
+            "sentences": [{"video_id": v, "caption": words[(i + k) % 3], "sen_id": 3 * i + k} for i, v in enumerate(ids) for k in range(3)]}
+    (tmp_path / "ann").mkdir()
+    (tmp_path / "ann" / "videodatainfo.json").write_text(json.dumps(info))
+    videos = make_videos(tmp_path / "videos", [f"{v}.mp4" for v in ids], video)
+    assert extract.main([*map(str, videos), "--out", str(tmp_path / "feats"), "--backbone", "ViT-B/32", "--weights",
+                         str(clip_ckpts["vit"]), "--frames", "4", "--workers", "0", "--no_progress"]) == 0
+    metrics = train.main(["--dataset", "msrvtt", "--data", str(tmp_path / "ann"), "--feats", f"image={tmp_path / 'feats'}",
+                          "--epochs", "1", "--d_model", "32", "--n_frames", "4", "--n_attributes", "5", "--batch_size", "4",
+                          "--beam_size", "1", "--no_progress", "--out", str(tmp_path / "run")])
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert record["n_videos"] == 2 and record["dataset"] == "msrvtt"
+    assert "CIDEr" in metrics
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["model"]["feature_dims"] == {"image": 64}  # the tiny CLIP's 64-d features were read
