@@ -3,18 +3,25 @@ Frozen backbone features from raw videos: video files -> DIR/<video_id>.npy, flo
 
 Sec. 3.3 of the paper samples N = 28 frames per video uniformly and encodes each one with a frozen
 image backbone: the visual encoder of CLIP (openai/CLIP) or, for the ImageNet pre-training (INP)
-baseline, torchvision's ImageNet ResNet-101. This file holds, in reading order:
-  1. frame sampling and decoding (PyAV), bounded in memory
-  2. preprocessing (OpenAI's CLIP transform; torchvision's ImageNet transform)
-  3. the backbones in plain PyTorch, built from public checkpoints' state_dicts
+baseline, torchvision's ImageNet ResNet-101. Sec. 4 adds motion, a 16-frame clip per segment through
+a 3D ResNeXt-101 pre-trained on Kinetics-400 (Hara et al., CVPR 2018), and audio, a 0.96 s log-mel
+example per segment through VGGish pre-trained on AudioSet (Hershey et al., ICASSP 2017), with zero
+vectors for videos without a soundtrack. This file holds, in reading order:
+  1. frame, clip and audio sampling and decoding (PyAV), bounded in memory
+  2. preprocessing (OpenAI's CLIP transform; torchvision's ImageNet transform; 3D-ResNets' clip
+     transform; VGGish's log-mel front end)
+  3. the backbones in plain PyTorch, built from public checkpoints' state_dicts; CLIP's text side
+     (BPE tokenizer, text tower) from the same CLIP checkpoints, for CLIPScore in train.py
   4. the backbone registry (name -> kind, builder, preprocessing, dim, URL + SHA-256)
-  5. weights: download, verify, cache, load
+  5. weights: download, verify, cache, load (a backbone; CLIP's text tower; encode captions)
   6. the extraction loop: parallel decoding, batches across videos, atomic writes, resume,
      failures, shards, progress
   7. the command line
 It knows nothing of datasets or training: train.py reads the .npy files it writes.
 
     python extract.py videos/ --out feats/image --backbone ViT-B/32
+    python extract.py videos/ --out feats/motion --backbone resnext101-kinetics --weights resnext-101-kinetics.pth
+    python extract.py videos/ --out feats/audio --backbone vggish
 """
 import argparse
 import gzip
@@ -22,6 +29,7 @@ import hashlib
 import html
 import importlib.util
 import json
+import math
 import multiprocessing
 import os
 import sys
@@ -96,23 +104,108 @@ def _grab_frames(path, wanted, preprocess: Callable, threads: int):
     return kept, count, claimed
 
 
-def decode_frames(path, n: int, preprocess: Callable, threads: int = 0) -> np.ndarray:
-    """N preprocessed frames at the segment centres of a video's decodable frames: (N, H, W, 3) uint8.
+def clip_indices(centres: np.ndarray, num_frames: int, clip_len: int) -> np.ndarray:
+    """(N, clip_len) frame indices: clip_len consecutive frames around each centre, shifted to stay inside
+    the video; a video shorter than clip_len repeats its frames cyclically (3D-ResNets' LoopPadding)."""
+    start = np.clip(centres - clip_len // 2, 0, max(num_frames - clip_len, 0))  # (N,)
+    return (start[:, None] + np.arange(clip_len)) % num_frames  # (N, clip_len)
+
+
+def decode_frames(path, n: int, preprocess: Callable, threads: int = 0, clip_len: int = 0) -> np.ndarray:
+    """N preprocessed frames at the segment centres of a video's decodable frames: (N, H, W, 3) uint8;
+    with clip_len > 0, a clip of clip_len frames around each centre: (N, clip_len, H, W, 3) uint8.
 
     One pass when the container's frame count is right (the common case); otherwise (count unknown
     or wrong, e.g. a truncated file) a second pass keeps the frames sampled from the decoded count.
-    Only N frames are ever held in memory.
+    Only the N (or N x clip_len) sampled frames are ever held in memory.
     """
+    def wanted(f):  # (N,) or (N, clip_len) frame indices for a video of f frames
+        centres = sample_indices(f, n)
+        return clip_indices(centres, f, clip_len) if clip_len else centres
+
     kept, count, claimed = _grab_frames(
-        path, lambda f: sample_indices(f, n) if f > 0 else np.empty(0, np.int64), preprocess, threads)
+        path, lambda f: wanted(f).ravel() if f > 0 else np.empty(0, np.int64), preprocess, threads)
     if count == 0:
         raise VideoError("zero decodable video frames")
-    indices = sample_indices(count, n)
+    indices = wanted(count)
     if count != claimed:
-        kept, count2, _ = _grab_frames(path, lambda f: indices, preprocess, threads)
+        kept, count2, _ = _grab_frames(path, lambda f: indices.ravel(), preprocess, threads)
         if count2 != count:
             raise VideoError(f"decoding is not repeatable ({count} then {count2} frames)")
-    return np.stack([kept[i] for i in indices.tolist()])  # (N, H, W, 3)
+    frames = np.stack([kept[i] for i in indices.ravel().tolist()])  # (N [* clip_len], H, W, 3)
+    return frames.reshape(indices.shape + frames.shape[1:])
+
+
+AUDIO_RATE = 16000  # VGGish's sample rate
+
+
+def decode_audio(path):
+    """(mono float32 waveform at 16 kHz, its start time in s) of the first audio track; None without one.
+
+    PyAV (libswresample) resamples each channel, then the channels are averaged: the reference averages
+    first (np.mean) and resamples with resampy; both steps are linear, so only the resampling filters differ.
+    """
+    with av.open(str(path)) as container:
+        if not container.streams.audio:
+            return None
+        stream = container.streams.audio[0]
+        start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+        resampler, chunks = None, []
+        try:
+            for frame in container.decode(stream):
+                if resampler is None:  # same channel layout, float planar, 16 kHz
+                    resampler = av.AudioResampler(format="fltp", layout=frame.layout, rate=AUDIO_RATE)
+                chunks += [out.to_ndarray() for out in resampler.resample(frame)]  # (C, S_k) each
+            if resampler is not None:
+                chunks += [out.to_ndarray() for out in resampler.resample(None)]  # the filter's tail
+        except av.error.FFmpegError:
+            pass  # a corrupt or truncated tail: keep what decoded
+    wave = np.concatenate(chunks, axis=1).mean(axis=0) if chunks else np.zeros(0)  # (S,)
+    return wave.astype(np.float32), start
+
+
+def segment_times(path, n: int, threads: int = 0) -> np.ndarray:
+    """(N,) times in s of the N segment-centre frames, on the container's clock.
+
+    The frame rule of decode_frames on the container's frame count (frames are decoded and counted only
+    when the container does not say), frame k shown at start + k / fps; without a frame rate, the
+    centres of N equal parts of the duration.
+    """
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise VideoError("no video stream")
+        stream = container.streams.video[0]
+        count, rate = int(stream.frames or 0), stream.average_rate or stream.guessed_rate
+        start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+        duration = (float(stream.duration * stream.time_base) if stream.duration
+                    else (container.duration or 0) / av.time_base)
+    if rate and count <= 0:
+        _, count, _ = _grab_frames(path, lambda f: np.empty(0, np.int64), None, threads)
+    if rate and count > 0:
+        return start + sample_indices(count, n) / float(rate)
+    if duration > 0:
+        return start + (np.arange(n) + 0.5) * duration / n
+    raise VideoError("neither the frame rate nor the duration is known: cannot place the audio segments")
+
+
+class Silent:
+    """A decoder's answer for a video without a soundtrack: N zero vectors, no backbone (the paper's padding)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+
+def decode_log_mel(path, n: int, threads: int = 0):
+    """(N, 1, 96, 64) float32 log-mel examples centred on the N segment-centre frames, or Silent(N)."""
+    times = segment_times(path, n, threads)
+    audio = decode_audio(path)
+    if audio is None or audio[0].size == 0:
+        return Silent(n)
+    wave, audio_start = audio
+    return segment_log_mel(wave, times - audio_start)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,8 +252,82 @@ def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
     return (x - mean) / std
 
 
+# The test transform of kenshohara/3D-ResNets-PyTorch (2018 release: opts.py, mean.py, main.py), whose
+# Kinetics checkpoints the motion backbone loads: --sample_duration 16, --sample_size 112; Scale(112)
+# (shorter side, PIL bilinear, the other int(112 * long / short)); CenterCrop(112) with round();
+# ToTensor(norm_value=1), so pixels stay in [0, 255]; Normalize(get_mean(1, 'activitynet'), [1, 1, 1]).
+KINETICS_CLIP_LEN, KINETICS_SIZE = 16, 112
+KINETICS_MEAN = (114.7748, 107.7354, 99.4750)  # RGB; no std
+
+
+def kinetics_preprocess(img: Image.Image, size: int = KINETICS_SIZE) -> np.ndarray:
+    """3D-ResNets: shorter side to 112 (PIL bilinear), centre crop 112, RGB -> (112, 112, 3) uint8."""
+    img = center_crop(resize_shorter(img, size, Image.BILINEAR), size).convert("RGB")
+    return np.asarray(img, dtype=np.uint8)
+
+
+def kinetics_input(x: torch.Tensor) -> torch.Tensor:
+    """(B, T, H, W, 3) uint8 clips -> (B, 3, T, H, W) float32: pixel values in [0, 255] minus the mean."""
+    mean = torch.tensor(KINETICS_MEAN, device=x.device)
+    return (x.float() - mean).permute(0, 4, 1, 2, 3).contiguous()
+
+
+# VGGish's front end (vggish_params.py and mel_features.py of tensorflow/models, kept by torchvggish):
+# 25 ms periodic-Hann windows every 10 ms, |FFT| on 512 points, 64 HTK mel bands over 125-7500 Hz,
+# log(mel + 0.01); examples of 96 frames (0.96 s).
+STFT_WINDOW, STFT_HOP, N_FFT = 400, 160, 512  # samples at 16 kHz
+N_MELS, MEL_LOW_HZ, MEL_HIGH_HZ, LOG_OFFSET = 64, 125.0, 7500.0, 0.01
+EXAMPLE_FRAMES = 96
+
+
+def hz_to_mel(hz):
+    """HTK mel scale: 1127 ln(1 + f / 700)."""
+    return 1127.0 * np.log1p(np.asarray(hz, dtype=np.float64) / 700.0)
+
+
+def mel_filterbank(n_freqs=N_FFT // 2 + 1, n_mels=N_MELS, rate=AUDIO_RATE, low=MEL_LOW_HZ, high=MEL_HIGH_HZ):
+    """(n_freqs, n_mels) triangular filters, linear in mel (float64); the DC bin, below 125 Hz, gets 0."""
+    bin_mel = hz_to_mel(np.linspace(0.0, rate / 2.0, n_freqs))[:, None]  # (n_freqs, 1)
+    edges = np.linspace(hz_to_mel(low), hz_to_mel(high), n_mels + 2)  # band i: edges i, i + 1, i + 2
+    lower, centre, upper = edges[:-2], edges[1:-1], edges[2:]  # (n_mels,) each
+    rising, falling = (bin_mel - lower) / (centre - lower), (upper - bin_mel) / (upper - centre)
+    return torch.from_numpy(np.maximum(0.0, np.minimum(rising, falling)))
+
+
+def log_mel_spectrogram(wave) -> torch.Tensor:
+    """(..., S) 16 kHz waveforms -> (..., F, 64) float64 log mel, F = 1 + (S - 400) // 160 (no padding)."""
+    wave = torch.as_tensor(wave, dtype=torch.float64)
+    frames = wave.unfold(-1, STFT_WINDOW, STFT_HOP)  # (..., F, 400)
+    window = 0.5 - 0.5 * torch.cos(2 * math.pi * torch.arange(STFT_WINDOW, dtype=torch.float64) / STFT_WINDOW)
+    magnitude = torch.fft.rfft(frames * window, n=N_FFT).abs()  # (..., F, 257)
+    return torch.log(magnitude @ mel_filterbank() + LOG_OFFSET)  # (..., F, 64)
+
+
+def log_mel_examples(wave) -> torch.Tensor:
+    """(S,) waveform -> (E, 1, 96, 64) float32: consecutive 0.96 s examples (the reference's framing)."""
+    log_mel = log_mel_spectrogram(wave)
+    e = log_mel.shape[0] // EXAMPLE_FRAMES
+    return log_mel[:e * EXAMPLE_FRAMES].reshape(e, 1, EXAMPLE_FRAMES, N_MELS).float()
+
+
+def segment_log_mel(wave, times) -> np.ndarray:
+    """(S,) waveform, (N,) times in s -> (N, 1, 96, 64) float32: the 0.96 s example centred on each time,
+    shifted to stay inside the track; a track shorter than 0.96 s is zero-padded (silence).
+
+    Frame k of the track's log mel starts at sample 160 k, so only the N examples' samples are transformed.
+    """
+    wave = torch.as_tensor(wave, dtype=torch.float64)
+    span = STFT_WINDOW + (EXAMPLE_FRAMES - 1) * STFT_HOP  # 15600 samples = exactly 96 frames
+    wave = F.pad(wave, (0, max(span - wave.numel(), 0)))
+    n_frames = 1 + (wave.numel() - STFT_WINDOW) // STFT_HOP  # frames of the whole track
+    centres = torch.round(torch.as_tensor(times, dtype=torch.float64) * AUDIO_RATE / STFT_HOP).long()  # (N,)
+    start = (centres - EXAMPLE_FRAMES // 2).clamp(0, n_frames - EXAMPLE_FRAMES)  # (N,) first frame of each
+    samples = wave[start[:, None] * STFT_HOP + torch.arange(span)]  # (N, 15600)
+    return log_mel_spectrogram(samples).unsqueeze(1).float().numpy()  # (N, 1, 96, 64)
+
+
 # ----------------------------------------------------------------------------------------------
-# 3a. CLIP's building blocks (shared by the visual and, later, the text tower; OpenAI key names)
+# 3a. CLIP's building blocks (shared by the visual and the text tower; OpenAI key names)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -364,6 +531,67 @@ def build_clip_visual(state_dict: dict) -> nn.Module:
     return model.eval()
 
 
+# 3c. torchvision's ImageNet ResNet (the INP baseline), key layout of torchvision.models.resnet
+
+
+class Bottleneck(nn.Module):
+    """torchvision's ResNet v1.5 bottleneck: the stride sits on the 3x3 conv."""
+
+    def __init__(self, inplanes, planes, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.downsample = None
+        if stride != 1 or inplanes != planes * 4:
+            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes * 4, 1, stride=stride, bias=False),
+                                            nn.BatchNorm2d(planes * 4))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return F.relu(out + identity)
+
+
+class ResNet(nn.Module):
+    """ImageNet ResNet trunk (no fc): 7x7 stem, maxpool, 4 stages, global average pool -> (B, 2048)."""
+
+    def __init__(self, layers=(3, 4, 23, 3), width=64):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        inplanes = width
+        for i, blocks in enumerate(layers):
+            planes, stride = width * 2 ** i, 1 if i == 0 else 2
+            stage = [Bottleneck(inplanes, planes, stride)]
+            stage += [Bottleneck(planes * 4, planes) for _ in range(blocks - 1)]
+            self.add_module(f"layer{i + 1}", nn.Sequential(*stage))
+            inplanes = planes * 4
+        self.output_dim = inplanes
+
+    def forward(self, x):  # (B, 3, 224, 224)
+        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))  # (B, 64, 56, 56)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))  # (B, 2048, 7, 7)
+        return x.mean(dim=(2, 3))  # (B, 2048): the globally average-pooled feature
+
+
+def build_imagenet_resnet(state_dict: dict) -> nn.Module:
+    """torchvision resnet50/101/152 from its state_dict (fc.* ignored), depth read off the keys."""
+    if "layer1.0.conv3.weight" not in state_dict:
+        raise ValueError("not a torchvision bottleneck-ResNet state_dict (no 'layer1.0.conv3.weight')")
+    layers = [_num_blocks(state_dict, f"layer{b}") for b in (1, 2, 3, 4)]
+    model = ResNet(layers, width=state_dict["conv1.weight"].shape[0])
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v
+                           for k, v in state_dict.items() if not k.startswith("fc.")})
+    return model.eval()
+
+
 # 3d. CLIP's text side: byte-level BPE tokenizer (openai/CLIP simple_tokenizer.py) and text tower
 
 BPE_VOCAB_NAME = "bpe_simple_vocab_16e6.txt.gz"
@@ -505,9 +733,10 @@ class TextTransformer(nn.Module):
     def forward(self, tokens):  # (B, L) int64
         if tokens.ndim != 2 or tokens.shape[1] != self.context_length:
             raise ValueError(f"expected token ids of shape (B, {self.context_length}), got {tuple(tokens.shape)}")
-        x = self.token_embedding(tokens) + self.positional_embedding  # (B, L, width)
+        eot = tokens.argmax(dim=-1)  # (B,) EOT has the largest id in every row
+        L = int(eot.max()) + 1  # causal: tokens after the last EOT cannot change it, so they are skipped
+        x = self.token_embedding(tokens[:, :L]) + self.positional_embedding[:L]  # (B, L, width)
         x = self.ln_final(self.transformer(x))  # (B, L, width)
-        eot = tokens.argmax(dim=-1)  # EOT has the largest id in every row
         return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection  # (B, output_dim)
 
 
@@ -533,24 +762,26 @@ def build_clip_text(state_dict: dict) -> nn.Module:
     return model.eval()
 
 
-# 3c. torchvision's ImageNet ResNet (the INP baseline), key layout of torchvision.models.resnet
+# 3e. 3D ResNeXt (motion; Hara et al., CVPR 2018), key layout of 3D-ResNets-PyTorch's models/resnext.py
 
 
-class Bottleneck(nn.Module):
-    """torchvision's ResNet v1.5 bottleneck: the stride sits on the 3x3 conv."""
+class ResNeXtBlock(nn.Module):
+    """3D bottleneck 1x1x1 -> grouped 3x3x3 (carries the stride) -> 1x1x1, plus a conv shortcut (type B)."""
+    expansion = 2
 
-    def __init__(self, inplanes, planes, stride=1):
+    def __init__(self, inplanes, planes, cardinality, stride=1):
         super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * 4)
+        mid, out = cardinality * (planes // 32), planes * self.expansion  # cardinality 32: mid = planes
+        self.conv1 = nn.Conv3d(inplanes, mid, kernel_size=1, bias=False)
+        self.bn1 = nn.BatchNorm3d(mid)
+        self.conv2 = nn.Conv3d(mid, mid, kernel_size=3, stride=stride, padding=1, groups=cardinality, bias=False)
+        self.bn2 = nn.BatchNorm3d(mid)
+        self.conv3 = nn.Conv3d(mid, out, kernel_size=1, bias=False)
+        self.bn3 = nn.BatchNorm3d(out)
         self.downsample = None
-        if stride != 1 or inplanes != planes * 4:
-            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes * 4, 1, stride=stride, bias=False),
-                                            nn.BatchNorm2d(planes * 4))
+        if stride != 1 or inplanes != out:
+            self.downsample = nn.Sequential(nn.Conv3d(inplanes, out, kernel_size=1, stride=stride, bias=False),
+                                            nn.BatchNorm3d(out))
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -560,38 +791,116 @@ class Bottleneck(nn.Module):
         return F.relu(out + identity)
 
 
-class ResNet(nn.Module):
-    """ImageNet ResNet trunk (no fc): 7x7 stem, maxpool, 4 stages, global average pool -> (B, 2048)."""
+class ResNeXt3D(nn.Module):
+    """3D ResNeXt trunk: a (B, 3, 16, 112, 112) clip -> (B, 2048), the globally average-pooled feature."""
 
-    def __init__(self, layers=(3, 4, 23, 3), width=64):
+    def __init__(self, layers=(3, 4, 23, 3), cardinality=32, num_classes=400):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        inplanes = width
+        self.conv1 = nn.Conv3d(3, 64, kernel_size=7, stride=(1, 2, 2), padding=3, bias=False)
+        self.bn1 = nn.BatchNorm3d(64)
+        self.maxpool = nn.MaxPool3d(kernel_size=3, stride=2, padding=1)
+        inplanes = 64
         for i, blocks in enumerate(layers):
-            planes, stride = width * 2 ** i, 1 if i == 0 else 2
-            stage = [Bottleneck(inplanes, planes, stride)]
-            stage += [Bottleneck(planes * 4, planes) for _ in range(blocks - 1)]
+            planes, stride = 128 * 2 ** i, 1 if i == 0 else 2
+            stage = [ResNeXtBlock(inplanes, planes, cardinality, stride)]
+            stage += [ResNeXtBlock(planes * 2, planes, cardinality) for _ in range(blocks - 1)]
             self.add_module(f"layer{i + 1}", nn.Sequential(*stage))
-            inplanes = planes * 4
+            inplanes = planes * 2
+        self.fc = nn.Linear(inplanes, num_classes)  # the Kinetics classifier: loaded (strict), not used
         self.output_dim = inplanes
 
-    def forward(self, x):  # (B, 3, 224, 224)
-        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))  # (B, 64, 56, 56)
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))  # (B, 2048, 7, 7)
-        return x.mean(dim=(2, 3))  # (B, 2048): the globally average-pooled feature
+    def forward(self, x):  # (B, 3, 16, 112, 112)
+        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))  # (B, 64, 8, 28, 28)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))  # (B, 2048, 1, 4, 4)
+        # the reference's AvgPool3d((ceil(16 / 16), ceil(112 / 32), ceil(112 / 32))) covers this whole map
+        return x.mean(dim=(2, 3, 4))  # (B, 2048)
 
 
-def build_imagenet_resnet(state_dict: dict) -> nn.Module:
-    """torchvision resnet50/101/152 from its state_dict (fc.* ignored), depth read off the keys."""
-    if "layer1.0.conv3.weight" not in state_dict:
-        raise ValueError("not a torchvision bottleneck-ResNet state_dict (no 'layer1.0.conv3.weight')")
-    layers = [_num_blocks(state_dict, f"layer{b}") for b in (1, 2, 3, 4)]
-    model = ResNet(layers, width=state_dict["conv1.weight"].shape[0])
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v
-                           for k, v in state_dict.items() if not k.startswith("fc.")})
+def build_resnext3d(state_dict: dict) -> nn.Module:
+    """3D ResNeXt from a 3D-ResNets-PyTorch checkpoint (`module.` keys of nn.DataParallel, or bare ones);
+    depth, cardinality and classes read off the shapes. The 2018 files predate num_batches_tracked:
+    a plain dict lets BatchNorm fill it in; every other key must match exactly."""
+    sd = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    if "layer1.0.conv2.weight" not in sd or sd["layer1.0.conv2.weight"].dim() != 5 or "fc.weight" not in sd:
+        raise ValueError("not a 3D-ResNets-PyTorch ResNeXt checkpoint (no 5-d 'layer1.0.conv2.weight' or no 'fc')")
+    conv2 = sd["layer1.0.conv2.weight"]  # (mid, mid / cardinality, 3, 3, 3)
+    layers = [_num_blocks(sd, f"layer{b}") for b in (1, 2, 3, 4)]
+    model = ResNeXt3D(layers, cardinality=conv2.shape[0] // conv2.shape[1], num_classes=sd["fc.weight"].shape[0])
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
     return model.eval()
+
+
+# 3f. VGGish (audio; Hershey et al., ICASSP 2017), key layout of harritaylor/torchvggish
+
+
+class VGGishPCA(nn.Module):
+    """The AudioSet release's post-processing: PCA with whitening, clip to [-2, 2], 8-bit quantisation."""
+
+    def __init__(self, matrix: torch.Tensor, means: torch.Tensor):
+        super().__init__()
+        self.register_buffer("pca_matrix", matrix.float())  # (128, 128), rows = output dimensions
+        self.register_buffer("pca_means", means.float().reshape(-1, 1))  # (128, 1)
+
+    def forward(self, x):  # (B, 128) -> (B, 128), integers 0..255 as floats
+        projected = (x - self.pca_means.T) @ self.pca_matrix.T
+        return torch.round((projected.clamp(-2.0, 2.0) + 2.0) * (255.0 / 4.0))
+
+
+class VGGish(nn.Module):
+    """VGGish: a (B, 1, 96, 64) log-mel example (96 frames x 64 bands) -> a (B, 128) embedding."""
+
+    def __init__(self, pca: VGGishPCA = None):
+        super().__init__()
+        layers, channels = [], 1
+        for v in (64, "M", 128, "M", 256, 256, "M", 512, 512, "M"):  # list positions = features.<i> keys
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers += [nn.Conv2d(channels, v, 3, padding=1), nn.ReLU(inplace=True)]
+                channels = v
+        self.features = nn.Sequential(*layers)
+        self.embeddings = nn.Sequential(
+            nn.Linear(512 * 6 * 4, 4096), nn.ReLU(True), nn.Linear(4096, 4096), nn.ReLU(True),
+            # torchvggish ends in a ReLU (TF's release has none there, torchvggish issue #24); kept, so that
+            # the port's checkpoint gives the port's numbers
+            nn.Linear(4096, 128), nn.ReLU(True))
+        self.pproc = pca
+        self.output_dim = 128
+
+    def forward(self, x):  # (B, 1, 96, 64)
+        x = self.features(x)  # (B, 512, 6, 4): 6 time steps x 4 frequency bands
+        x = x.permute(0, 2, 3, 1).flatten(1)  # (B, 12288) in TF's (time, frequency, channel) order
+        x = self.embeddings(x)  # (B, 128)
+        return x if self.pproc is None else self.pproc(x)
+
+
+def build_vggish(state_dict: dict, pca: VGGishPCA = None) -> nn.Module:
+    """VGGish from torchvggish's `vggish-10086976.pth` (features.*, embeddings.*; a pproc.* is ignored)."""
+    sd = {k: v for k, v in state_dict.items() if not k.startswith("pproc.")}
+    if "embeddings.4.weight" not in sd:
+        raise ValueError("not a torchvggish VGGish state_dict (no 'embeddings.4.weight')")
+    model = VGGish()
+    model.load_state_dict({k: v.float() for k, v in sd.items()})
+    model.pproc = pca
+    return model.eval()
+
+
+def load_vggish_pca(path) -> VGGishPCA:
+    """The PCA parameters in torchvggish's `vggish_pca_params-970ea276.pth`: numpy arrays in a dict."""
+    numpy_types = [np.ndarray, np.dtype, np.dtypes.Float64DType, np.dtypes.Float32DType,
+                   np._core.multiarray._reconstruct if hasattr(np, "_core") else np.core.multiarray._reconstruct]
+    try:
+        with torch.serialization.safe_globals(numpy_types):  # weights_only, with numpy arrays allowed
+            params = torch.load(path, map_location="cpu", weights_only=True)
+        matrix = torch.as_tensor(np.asarray(params["pca_eigen_vectors"]), dtype=torch.float32)
+        means = torch.as_tensor(np.asarray(params["pca_means"]), dtype=torch.float32).reshape(-1, 1)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
+        raise ValueError(f"{path}: not torchvggish's PCA file, a dict with 'pca_eigen_vectors' and "
+                         f"'pca_means' ({type(e).__name__}: {e})") from None
+    if matrix.shape != (128, 128) or means.shape != (128, 1):
+        raise ValueError(f"{path}: PCA shapes {tuple(matrix.shape)} and {tuple(means.shape)[:1]}, "
+                         f"expected (128, 128) and (128,)")
+    return VGGishPCA(matrix, means)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -602,15 +911,17 @@ def build_imagenet_resnet(state_dict: dict) -> nn.Module:
 class Backbone:
     """What extract() needs to know about a backbone; adding one = adding an entry to BACKBONES."""
     name: str
-    kind: str              # "frames": one image per segment centre (later: "clips", "audio")
+    kind: str              # one sample per segment centre: "frames" (an image), "clips", "audio" (see DECODERS)
     build: Callable        # state_dict -> nn.Module with .output_dim: to_input(batch) -> (B, output_dim)
     preprocess: Callable   # in the decode workers: PIL image -> uint8 (H, W, 3)
-    to_input: Callable     # on the device: uint8 batch -> the model's float input
+    to_input: Callable     # on the device: the decoded batch -> the model's float input
     dim: int
     url: str
     sha256: str            # the full SHA-256 (OpenAI) or its prefix (torchvision's file names)
     input_size: int = 224  # pixels of the square model input
     preprocessing: str = ""  # human-readable, for meta.json
+    clip_len: int = 0      # "clips": frames per clip
+    file: str = ""         # the cache file name when the URL is not a direct download
 
 
 def _clip(name, dim, sha, file, size=224):
@@ -638,11 +949,38 @@ BACKBONES = {  # OpenAI's file SHA-256s as in openai/CLIP's clip.py _MODELS
         url="https://download.pytorch.org/models/resnet101-63fe2227.pth", sha256="63fe2227",
         preprocessing=f"ImageNet: shorter side 256 (PIL bilinear), centre crop 224, RGB, /255, "
                       f"mean {IMAGENET_MEAN}, std {IMAGENET_STD}"),
+    # Motion: Hara et al.'s Kinetics-400 ResNeXt-101 (16-frame `resnext-101-kinetics.pth`, 2018 release).
+    # It sits in a Google Drive folder: no direct-download URL and no published SHA-256, so it is
+    # downloaded by hand and passed with --weights (or put in the cache folder under `file`).
+    "resnext101-kinetics": Backbone(
+        name="resnext101-kinetics", kind="clips", build=build_resnext3d, preprocess=kinetics_preprocess,
+        to_input=kinetics_input, dim=2048, sha256="", input_size=KINETICS_SIZE, clip_len=KINETICS_CLIP_LEN,
+        url="https://drive.google.com/drive/folders/14KRBqT8ySfPtFSuLsFS2U4I-ihTDs0Y9", file="resnext-101-kinetics.pth",
+        preprocessing=f"3D-ResNets: {KINETICS_CLIP_LEN} consecutive frames centred on each segment centre (shifted "
+                      f"inside the video, looped if it is shorter), shorter side 112 (PIL bilinear), centre crop "
+                      f"112, RGB in [0, 255] minus mean {KINETICS_MEAN}, std 1"),
 }
 
-# kind -> decode(path, n, spec, threads) -> uint8 array whose first axis is the N samples
+_VGGISH_TEXT = ("VGGish (torchvggish): soundtrack -> mono (channel mean), 16 kHz (libswresample), 25 ms periodic-Hann "
+                "windows every 10 ms, |FFT 512|, 64 HTK mel bands 125-7500 Hz, log(mel + 0.01); the 0.96 s example "
+                "(96 x 64) centred on each segment-centre frame's time; no soundtrack -> zeros, listed in 'silent'")
+_TORCHVGGISH = "https://github.com/harritaylor/torchvggish/releases/download/v0.1/"  # file names carry SHA-256 prefixes
+VGGISH_PCA = Backbone(  # vggish-pca's second file, fetched and verified like a backbone's weights
+    name="vggish PCA parameters", kind="", build=None, preprocess=None, to_input=None, dim=128,
+    url=_TORCHVGGISH + "vggish_pca_params-970ea276.pth", sha256="970ea276")
+BACKBONES["vggish"] = Backbone(  # the paper's audio features: raw embeddings
+    name="vggish", kind="audio", build=build_vggish, preprocess=None, to_input=lambda x: x, dim=128,
+    url=_TORCHVGGISH + "vggish-10086976.pth", sha256="10086976", preprocessing=_VGGISH_TEXT + "; raw embeddings")
+BACKBONES["vggish-pca"] = Backbone(  # AudioSet's released embedding format (optional)
+    name="vggish-pca", kind="audio", build=lambda sd: build_vggish(sd, load_vggish_pca(fetch_weights(VGGISH_PCA))),
+    preprocess=None, to_input=lambda x: x, dim=128, url=_TORCHVGGISH + "vggish-10086976.pth", sha256="10086976",
+    preprocessing=_VGGISH_TEXT + "; then the release's PCA + whitening and 8-bit quantisation")
+
+# kind -> decode(path, n, spec, threads) -> an array whose first axis is the N samples (or Silent(N))
 DECODERS = {
     "frames": lambda path, n, spec, threads: decode_frames(path, n, spec.preprocess, threads),
+    "clips": lambda path, n, spec, threads: decode_frames(path, n, spec.preprocess, threads, spec.clip_len),
+    "audio": lambda path, n, spec, threads: decode_log_mel(path, n, threads),
 }
 
 
@@ -666,7 +1004,12 @@ def sha256_file(path) -> str:
 
 def fetch_weights(spec: Backbone) -> Path:
     """The verified cached checkpoint for `spec`, downloaded from its public URL if needed."""
-    target = cache_dir() / spec.url.rsplit("/", 1)[-1]
+    target = cache_dir() / (spec.file or spec.url.rsplit("/", 1)[-1])
+    if not spec.sha256:  # no direct download and no published hash: a file put there by hand
+        if target.is_file():
+            return target
+        raise RuntimeError(f"the {spec.name} weights have no direct download: get {target.name} from {spec.url} "
+                           f"by hand and pass it with --weights PATH (or put it in {cache_dir()}, set by $DAP_CACHE)")
     if target.is_file() and sha256_file(target).startswith(spec.sha256):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -787,19 +1130,28 @@ def find_videos(inputs, list_file=None) -> list:
     return paths
 
 
+def decode_video(path, n: int, spec: Backbone, threads: int = 0):
+    """The N samples of one video for backbone `spec` (see DECODERS), or Silent(N); raises on a bad file."""
+    if not Path(path).is_file():
+        raise VideoError("no such file")
+    if Path(path).stat().st_size == 0:
+        raise VideoError("empty file (0 bytes)")
+    return DECODERS[spec.kind](path, n, spec, threads)
+
+
+def failure_reason(e: Exception) -> str:
+    """One line saying why a video failed: FFmpeg's reason for an unreadable file, else the exception."""
+    if isinstance(e, av.error.FFmpegError):
+        return f"not a readable video: {e.strerror or e} (FFmpeg {type(e).__name__})"
+    return f"{type(e).__name__}: {str(e).strip()}"
+
+
 def _decode_job(path, n, backbone, threads):
     """Worker: (video_id, frames or None, error or None); never raises, so one bad video fails alone."""
     try:
-        if not Path(path).is_file():
-            raise VideoError("no such file")
-        if Path(path).stat().st_size == 0:
-            raise VideoError("empty file (0 bytes)")
-        spec = BACKBONES[backbone]
-        return Path(path).stem, DECODERS[spec.kind](path, n, spec, threads), None
-    except av.error.FFmpegError as e:
-        return Path(path).stem, None, f"not a readable video: {e.strerror or e} (FFmpeg {type(e).__name__})"
+        return Path(path).stem, decode_video(path, n, BACKBONES[backbone], threads), None
     except Exception as e:  # noqa: BLE001 - every failure is reported per video
-        return Path(path).stem, None, f"{type(e).__name__}: {str(e).strip()}"
+        return Path(path).stem, None, failure_reason(e)
 
 
 def _atomic_write(path: Path, write: Callable):
@@ -845,6 +1197,33 @@ def _record_failure(out: Path, video_id: str, path, reason: str):
         os.close(fd)
 
 
+def _record_silent(out: Path, video_id: str):
+    """Append video_id to DIR/silent.txt: a video without a soundtrack (zero features, not a failure)."""
+    fd = os.open(out / "silent.txt", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, f"{video_id}\n".encode())  # one append per line: safe when several shards share DIR
+    finally:
+        os.close(fd)
+
+
+def _list_silent(out: Path):
+    """meta.json's "silent": the sorted video_ids of silent.txt that have features; shards update it in turn."""
+    if not (out / "silent.txt").is_file() or not (out / "meta.json").is_file():
+        return
+    try:
+        import fcntl  # POSIX: one shard at a time reads, merges and rewrites meta.json
+    except ImportError:
+        fcntl = None
+    with open(out / ".meta.lock", "w") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        silent = sorted({v for v in (out / "silent.txt").read_text().split() if (out / f"{v}.npy").exists()})
+        meta = json.loads((out / "meta.json").read_text())
+        if meta.get("silent") != silent:
+            text = (json.dumps({**meta, "silent": silent}, indent=1) + "\n").encode()
+            _atomic_write(out / "meta.json", lambda f: f.write(text))
+
+
 def _compact_failures(out: Path):
     """Drop failed.txt lines of videos that now have features (fixed on a later run), and duplicates."""
     path = out / "failed.txt"
@@ -874,6 +1253,22 @@ def parse_shard(text: str):
 
 
 AMP_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@torch.inference_mode()
+def encode_samples(model: nn.Module, spec: Backbone, samples: np.ndarray, device, batch_size: int = 256,
+                   dtype: str = "fp32") -> np.ndarray:
+    """(B, ...) decoded samples -> (B, D) float32 features, in chunks of batch_size on the device."""
+    device, amp = torch.device(device), AMP_DTYPES[dtype]
+    outs = []
+    for s in range(0, len(samples), batch_size):
+        x = torch.from_numpy(samples[s:s + batch_size])
+        if device.type == "cuda":
+            x = x.pin_memory()
+        x = spec.to_input(x.to(device, non_blocking=True))
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            outs.append(model(x).float())
+    return torch.cat(outs).cpu().numpy()
 
 
 class _Progress:
@@ -927,24 +1322,11 @@ def extract(videos, out, backbone="ViT-B/32", weights=None, frames=28, device=No
         "frame_sampling": "F decodable frames, indices floor((i + 0.5) * F / N), i = 0..N-1",
         "preprocessing": spec.preprocessing, "format": "<video_id>.npy: float32 (N, feature_dim)",
     })
-    amp = AMP_DTYPES[dtype]
+    encode = partial(encode_samples, model, spec, device=device, batch_size=batch_size, dtype=dtype)
 
-    @torch.inference_mode()
-    def encode(batch: np.ndarray) -> np.ndarray:
-        """(B, ...) uint8 -> (B, D) float32 features, in chunks of batch_size on the device."""
-        outs = []
-        for s in range(0, len(batch), batch_size):
-            x = torch.from_numpy(batch[s:s + batch_size])
-            if device.type == "cuda":
-                x = x.pin_memory()
-            x = spec.to_input(x.to(device, non_blocking=True))
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                outs.append(model(x).float())
-        return torch.cat(outs).cpu().numpy()
-
-    summary = {"done": 0, "skipped": len(videos) - len(todo), "failed": [], "frames": 0}
+    summary = {"done": 0, "skipped": len(videos) - len(todo), "failed": [], "frames": 0, "silent": []}
     bar = _Progress(len(todo), progress)
-    pending = []  # (video_id, (N, ...) uint8) waiting for a full batch
+    pending = []  # (video_id, (N, ...) array) waiting for a full batch
 
     def flush():
         """Encode all pending videos as one batch stream and write their features."""
@@ -963,6 +1345,13 @@ def extract(videos, out, backbone="ViT-B/32", weights=None, frames=28, device=No
         if error is not None:
             summary["failed"].append((vid, str(path), error))
             _record_failure(out, vid, path, error)
+            bar.update(1, 0)
+            return
+        if isinstance(arr, Silent):  # no soundtrack: zeros (Sec. 4 of the paper), no backbone
+            save_features(out / f"{vid}.npy", np.zeros((len(arr), model.output_dim), np.float32))
+            _record_silent(out, vid)
+            summary["silent"].append(vid)
+            summary["done"] += 1
             bar.update(1, 0)
             return
         pending.append((vid, arr))
@@ -993,6 +1382,7 @@ def extract(videos, out, backbone="ViT-B/32", weights=None, frames=28, device=No
     finally:
         bar.close()
         _compact_failures(out)
+        _list_silent(out)
     return summary
 
 
@@ -1010,7 +1400,9 @@ def main(argv=None) -> int:
     p.add_argument("--weights", help="checkpoint file (else downloaded from the public URL and cached)")
     p.add_argument("--frames", type=int, default=28, help="N frames per video (paper: 28)")
     p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
-    p.add_argument("--batch_size", type=int, default=256, help="frames per backbone batch")
+    p.add_argument("--batch_size", type=int, default=256,
+                   help="samples per backbone batch: frames, 16-frame clips (lower it for resnext101-kinetics "
+                        "on a small GPU) or 0.96 s audio examples")
     p.add_argument("--workers", type=int, help="decoding processes (default: CPU count, at most 16; 0 = none)")
     p.add_argument("--dtype", default="fp32", choices=list(AMP_DTYPES),
                    help="fp32 (default, as the paper) or fp16/bf16 autocast: faster on GPU, features differ")
@@ -1026,6 +1418,8 @@ def main(argv=None) -> int:
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if summary["silent"]:
+        print(f"{len(summary['silent'])} without a soundtrack: zero features (listed in meta.json)", file=sys.stderr)
     print(f"{summary['done']} written, {summary['skipped']} already there, {len(summary['failed'])} failed "
           f"(see {Path(args.out) / 'failed.txt'})" if summary["failed"] else
           f"{summary['done']} written, {summary['skipped']} already there", file=sys.stderr)
