@@ -151,7 +151,7 @@ def attribute_loss(p_raw, labels, valid=None):
     B, L, K = p_raw.shape
     labels = labels.float()
     valid = torch.ones(B, L, dtype=torch.bool, device=p_raw.device) if valid is None else valid
-    # "we clamp p to [0.01, 0.99]" (authors' code) before the logarithms of Eq. 8
+    # p is clamped to [0.01, 0.99] before the logarithms of Eq. 8, as the authors' implementation does
     p = noisy_or(p_raw, valid).clamp(0.01, 0.99)
     k_pos = labels.sum(dim=1)                                                       # (B,)
     bce = -(labels * p.log() + (1 - labels) * (1 - p).log()).sum(dim=1)            # Eq. 8, summed over K

@@ -7,9 +7,11 @@ Train and evaluate a CLIP-DAP video captioner (dap.py) from captions and pre-ext
     python train.py --dataset vatex  --data DIR --feats image=...,motion=...
     python train.py --eval_only --ckpt out/RUN/best.pt [same data options]
     python train.py [msrvtt/vatex options] --clipscore --weights ViT-B-32.pt  # + CLIPScore, not in the paper
+    python train.py --caption my_video.mp4 --ckpt out/RUN/best.pt [--weights image=ViT-B-32.pt] [--json]
 
 Reading order: stop words -> datasets (MSR-VTT, VATEX, toy) -> features -> vocabulary and attributes
-(Sec. 4.1) -> tensors -> evaluation (pycocoevalcap, diversity, mAP, CLIPScore) -> training (Sec. 4.3) -> main.
+(Sec. 4.1) -> tensors -> evaluation (pycocoevalcap, diversity, mAP, CLIPScore) -> training (Sec. 4.3) ->
+captioning new video files (extract.py's backbones + a trained checkpoint) -> main.
 Every function is importable without side effects; the notebooks use them directly.
 """
 import argparse
@@ -22,6 +24,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 import warnings
 import zipfile
@@ -298,6 +301,19 @@ def parse_feats(spec):
         out[m.strip()] = path.strip()
     if "image" not in out:
         raise ValueError(f"--feats {spec!r} has no image=PATH entry")
+    return out
+
+
+def feature_provenance(paths):
+    """{modality: the meta.json extract.py wrote next to its features (backbone, N, dtype, weights SHA-256), or None}.
+
+    None for features without one (e.g. the authors' HDF5 files). Saved in config.json, for --caption.
+    """
+    out = {}
+    for m, path in paths.items():
+        meta = Path(path) / "meta.json"
+        out[m] = ({k: v for k, v in json.loads(meta.read_text()).items() if k != "silent"}  # silent: per-video list
+                  if meta.is_file() else None)
     return out
 
 
@@ -664,6 +680,12 @@ def load_clipscore_model(image_feats_dir, weights=None, device="cpu"):
     return model
 
 
+def top_attributes(probs, attributes, k=10):
+    """(K,) attribute probabilities -> [[word, p]] for the k most probable, p rounded to 4 decimals."""
+    p, idx = probs.topk(min(k, probs.numel()))
+    return [[attributes[j], round(q, 4)] for q, j in zip(p.tolist(), idx.tolist())]
+
+
 @torch.no_grad()
 def evaluate(model, split, vocab, attributes, train_captions, beam_size=5, batch_size=100, meteor=True,
              tokenized_refs=None, progress=True, n_frames=None, clip_text=None):
@@ -701,8 +723,7 @@ def evaluate(model, split, vocab, attributes, train_captions, beam_size=5, batch
     for v in range(V):
         item = {"video_id": split.ids[v], "caption": texts[v]}
         if model.cfg.vap:
-            p, k = vap_probs[v].topk(min(10, vap_probs.size(1)))
-            item["attributes"] = [[attributes[j], round(float(q), 4)] for q, j in zip(p, k)]
+            item["attributes"] = top_attributes(vap_probs[v], attributes)
         results.append(item)
     return metrics, results
 
@@ -835,6 +856,132 @@ def train_model(task, data, vocab, attributes, epochs=TOY_DEFAULTS["epochs"], d_
 
 
 # ----------------------------------------------------------------------------------------------
+# Captioning new video files (--caption): each video goes through the backbones that wrote the training
+# features (recorded in config.json from extract.py's meta.json), then beam search and the VAP APNet.
+
+
+def parse_weights(spec):
+    """--weights for --caption: 'image=PATH[,motion=PATH][,audio=PATH]', or one PATH (the image backbone's)."""
+    parts = [part.strip() for part in (spec or "").split(",") if part.strip()]
+    if parts and all(re.match(r"(image|motion|audio)=", part) for part in parts):
+        return dict(part.split("=", 1) for part in parts)
+    return {"image": spec} if spec else {}
+
+
+def load_captioner(ckpt_path, weights=None, device="cpu"):
+    """A best.pt and the backbones its features came from -> (model, vocab, attributes, extractors, n_frames).
+
+    extractors: {modality: (backbone, extract.Backbone spec, meta)}. Each backbone's weights (from --weights
+    or extract.py's cache) must have the SHA-256 of those that wrote the training features.
+    """
+    import extract
+    config_path = Path(ckpt_path).parent / "config.json"
+    if not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"--ckpt {ckpt_path}: no such file")
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found: --caption reads the config.json that train.py writes "
+                                "next to best.pt (it names the backbones that made the training features)")
+    config = json.loads(config_path.read_text())
+    if config.get("synthetic"):
+        raise ValueError(f"{ckpt_path} was trained on the SYNTHETIC toy dataset: its features are simulated, so no "
+                         "backbone can compute them from a video. Caption with a model trained on features from "
+                         "extract.py (--dataset msrvtt|vatex --feats image=DIR,...)")
+    model, vocab, attributes, _ = load_checkpoint(ckpt_path, device)
+    provenance = config.get("features") or feature_provenance(parse_feats(config["args"]["feats"]))  # older runs
+    weights = parse_weights(weights)
+    if set(weights) - set(model.cfg.feature_dims):
+        raise ValueError(f"--weights names {sorted(set(weights) - set(model.cfg.feature_dims))}, but {ckpt_path} "
+                         f"takes only {sorted(model.cfg.feature_dims)} features")
+    extractors = {}
+    for m, dim in model.cfg.feature_dims.items():
+        meta = provenance.get(m)
+        if meta is None:
+            raise ValueError(f"{ckpt_path} was trained on {m} features without extract.py's meta.json (e.g. the "
+                             f"authors' HDF5 files): the backbone that made them is unknown, so they cannot be "
+                             f"extracted from a new video. Train on {m} features written by extract.py")
+        try:
+            backbone, spec, sha = extract.load_backbone(meta["backbone"], weights.get(m), device)
+        except (ValueError, RuntimeError, FileNotFoundError) as e:
+            raise RuntimeError(f"{ckpt_path} needs {m} features from the {meta['backbone']} backbone, whose weights "
+                               f"could not be loaded: {str(e).rstrip('.')}. With --caption, give them as "
+                               f"--weights {m}=PATH (several modalities: --weights image=PATH,motion=PATH,audio=PATH)"
+                               ) from None
+        if sha != meta["weights_sha256"]:
+            raise ValueError(f"the {m} backbone {meta['backbone']}: weights {weights.get(m) or '(cached download)'} "
+                             f"have SHA-256 {sha}, but the training features were extracted with weights of SHA-256 "
+                             f"{meta['weights_sha256']}; features from other weights do not match the model: pass "
+                             f"the checkpoint that wrote them with --weights {m}=PATH")
+        if backbone.output_dim != dim:
+            raise ValueError(f"the {m} backbone gives {backbone.output_dim}-d features; the model takes {dim}-d")
+        extractors[m] = (backbone, spec, meta)
+    return model, vocab, attributes, extractors, config["args"]["n_frames"]
+
+
+def video_features(path, extractors, n_frames, device="cpu"):
+    """One video file -> {modality: (1, N, D)}: what extract.py and load_features give for a training video."""
+    import extract
+    feats = {}
+    for m, (backbone, spec, meta) in extractors.items():
+        samples = extract.decode_video(path, meta["frames"], spec)  # T = the training run's frames per video
+        x = (np.zeros((len(samples), backbone.output_dim), np.float32) if isinstance(samples, extract.Silent)
+             else extract.encode_samples(backbone, spec, samples, device, dtype=meta["dtype"]))  # (T, D)
+        x = x[resample_indices(len(x), n_frames)]                                   # (N, D)
+        feats[m] = torch.from_numpy(x).to(device)[None]                             # (1, N, D)
+    return feats
+
+
+@torch.no_grad()
+def caption_video(path, model, vocab, attributes, extractors, n_frames, beam_size=5):
+    """One video file -> {video, caption, attributes: top-10 [word, p] (None without VAP), seconds}."""
+    t0 = time.time()
+    feats = video_features(path, extractors, n_frames, next(model.parameters()).device)
+    tokens = model.generate(feats, beam_size=beam_size)[0]
+    result = {"video": str(path), "caption": decode_caption(tokens.tolist(), vocab), "attributes": None}
+    if model.cfg.vap:
+        result["attributes"] = top_attributes(model.predict_attributes(feats)[0].cpu(), attributes)
+    result["seconds"] = round(time.time() - t0, 3)
+    return result
+
+
+def caption_videos(videos, ckpt_path, weights=None, device="cpu", beam_size=5):
+    """Yield caption_video's result for each video file; a bad video yields {video, error} and the rest go on."""
+    import extract
+    loaded = load_captioner(ckpt_path, weights, device)
+    for path in videos:
+        try:
+            yield caption_video(path, *loaded, beam_size=beam_size)
+        except Exception as e:  # noqa: BLE001 - one bad video fails alone, with its reason
+            yield {"video": str(path), "error": extract.failure_reason(e)}
+
+
+def format_caption(result):
+    """One video's result as text: the caption, the top-10 attributes with probabilities, the time taken."""
+    attrs = ("unavailable (the model has no VAP APNet)" if result["attributes"] is None
+             else ", ".join(f"{w} {p:.2f}" for w, p in result["attributes"]))
+    return f"{result['video']} ({result['seconds']:.2f} s)\n  caption: {result['caption']}\n  attributes: {attrs}"
+
+
+def run_caption(args):
+    """--caption: print each video's result (or a JSON list with --json); exit status 1 if any video failed."""
+    results = []
+    try:
+        for r in caption_videos(args.caption, args.ckpt, args.weights, args.device, args.beam_size):
+            results.append(r)
+            if "error" in r:
+                print(f"error: {r['video']}: {r['error']}", file=sys.stderr)
+            elif not args.json:
+                print(format_caption(r), flush=True)
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if args.json:
+        print(json.dumps(results, indent=1))
+    failed = [r["video"] for r in results if "error" in r]
+    if failed:
+        raise SystemExit(f"{len(failed)} of {len(results)} videos failed: {', '.join(failed)}")
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
 # Command line
 
 METRIC_COLUMNS = ["BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "Meta-Sum", "Novel", "Unique", "Vocab", "mAP-VAP", "mAP-TAP",
@@ -873,12 +1020,16 @@ def get_args(argv=None):
                    "<ckpt dir>/eval)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
     p.add_argument("--eval_only", action="store_true")
-    p.add_argument("--ckpt", help="checkpoint for --eval_only")
+    p.add_argument("--ckpt", help="checkpoint for --eval_only or --caption")
+    p.add_argument("--caption", nargs="+", metavar="VIDEO",
+                   help="caption these video files with --ckpt: features from the backbones the run was trained on")
+    p.add_argument("--json", action="store_true", help="--caption: print a JSON list")
     p.add_argument("--no_progress", action="store_true")
     p.add_argument("--clipscore", action="store_true",
                    help="also report CLIPScore and RefCLIPScore (Hessel et al. 2021; not in the paper); needs "
                         "image features written by extract.py with a CLIP backbone and that checkpoint")
-    p.add_argument("--weights", help="the CLIP checkpoint for --clipscore (default: extract.py's cached download)")
+    p.add_argument("--weights", help="the CLIP checkpoint for --clipscore; for --caption, image=PATH[,motion=PATH]"
+                   "[,audio=PATH] or one PATH for image (default: extract.py's cached downloads)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: 1 for the toy model on CPU, whose "
                    "small matrices gain little from more and slow down badly when cores are shared; else torch's)")
     toy = p.add_argument_group("toy dataset (SYNTHETIC)")
@@ -898,11 +1049,13 @@ def get_args(argv=None):
         p.error("--clipscore needs real CLIP image features: --dataset msrvtt|vatex --feats image=DIR (extract.py)")
     if args.eval_only and not args.ckpt:
         p.error("--eval_only needs --ckpt PATH")
+    if args.caption and not args.ckpt:
+        p.error("--caption needs --ckpt out/RUN/best.pt")
     default_d = {"toy": TOY_DEFAULTS["d_model"], "msrvtt": 512, "vatex": 1024}[args.dataset]
     args.d_model = args.d_model or default_d
     args.epochs = args.epochs or (TOY_DEFAULTS["epochs"] if args.dataset == "toy" else 50)
     args.lr = args.lr or (TOY_DEFAULTS["lr"] if args.dataset == "toy" else 5e-4)
-    if args.threads is None and args.dataset == "toy" and args.device == "cpu":
+    if args.threads is None and args.dataset == "toy" and args.device == "cpu" and not args.caption:
         args.threads = 1
     return args
 
@@ -947,7 +1100,8 @@ def run(args, log=print):
     if not args.eval_only:
         dims = {m: x.size(-1) for m, x in data["train"].feats.items()}
         cfg = make_config(args.task, dims, len(vocab), len(attributes), args.d_model, not args.no_sparse_sampling)
-        config = {"args": vars(args), "model": dataclasses.asdict(cfg), "synthetic": ds.synthetic}
+        config = {"args": vars(args), "model": dataclasses.asdict(cfg), "synthetic": ds.synthetic,
+                  "features": None if ds.synthetic else feature_provenance(parse_feats(args.feats))}
         (out_dir / "config.json").write_text(json.dumps(config, indent=2))
         (out_dir / "vocab.json").write_text(json.dumps(vocab))
         (out_dir / "attributes.json").write_text(json.dumps(attributes))
@@ -1004,6 +1158,8 @@ def main(argv=None):
     args = get_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.caption:
+        return run_caption(args)
     if args.table:
         if args.dataset != "toy":
             raise SystemExit("--table runs the synthetic toy comparison only")
