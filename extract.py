@@ -765,12 +765,15 @@ def build_clip_text(state_dict: dict) -> nn.Module:
 # 3e. 3D ResNeXt (motion; Hara et al., CVPR 2018), key layout of 3D-ResNets-PyTorch's models/resnext.py
 
 
-class ResNeXtBlock(nn.Module):
-    """3D bottleneck 1x1x1 -> grouped 3x3x3 (carries the stride) -> 1x1x1, plus a conv shortcut (type B)."""
+class ResNeXtBlock(Bottleneck):
+    """3D bottleneck 1x1x1 -> grouped 3x3x3 (carries the stride) -> 1x1x1, plus a conv shortcut (type B).
+
+    The same residual forward as the 2D Bottleneck; only the convolutions differ.
+    """
     expansion = 2
 
     def __init__(self, inplanes, planes, cardinality, stride=1):
-        super().__init__()
+        nn.Module.__init__(self)
         mid, out = cardinality * (planes // 32), planes * self.expansion  # cardinality 32: mid = planes
         self.conv1 = nn.Conv3d(inplanes, mid, kernel_size=1, bias=False)
         self.bn1 = nn.BatchNorm3d(mid)
@@ -782,13 +785,6 @@ class ResNeXtBlock(nn.Module):
         if stride != 1 or inplanes != out:
             self.downsample = nn.Sequential(nn.Conv3d(inplanes, out, kernel_size=1, stride=stride, bias=False),
                                             nn.BatchNorm3d(out))
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        identity = x if self.downsample is None else self.downsample(x)
-        return F.relu(out + identity)
 
 
 class ResNeXt3D(nn.Module):
