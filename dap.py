@@ -223,9 +223,9 @@ class CaptionModel(nn.Module):
         return torch.sigmoid(self.vap_net(memory))
 
     def text_attribute_p_raw(self, captions):
-        """Eq. 6 with X = E (Eq. 11): the caption's word embeddings (BOS dropped) as instances."""
-        words = captions[:, 1:]
-        return torch.sigmoid(self.tap_net(self.embedding(captions)[:, 1:])), words != PAD  # (B, T-1, K)
+        """Eq. 6 with X = E (Eq. 11), the caption's tokens after BOS: (P_raw (B, T-1, K), valid (B, T-1))."""
+        p_raw = torch.sigmoid(self.tap_net(self.embedding(captions)[:, 1:]))
+        return p_raw, captions[:, 1:] != PAD
 
     def forward(self, feats, captions, attributes=None):
         """Eq. 12, L = L_cap + lambda_1 L_ap^V + lambda_2 L_ap^T; returns each part and the total."""
