@@ -408,6 +408,20 @@ class VisionTransformer(nn.Module):
 # 3b. CLIP's ModifiedResNet
 
 
+def add_stages(module, block, inplanes, base_planes, layers, expansion):
+    """Add layer1..layerN: stage i has layers[i] blocks of base_planes * 2**i planes, stride 2 after stage 1.
+
+    Returns the output channels. Shared by CLIP's ModifiedResNet, torchvision's ResNet and the 3D ResNeXt.
+    """
+    for i, blocks in enumerate(layers):
+        planes = base_planes * 2 ** i
+        stage = [block(inplanes, planes, 1 if i == 0 else 2)]
+        stage += [block(planes * expansion, planes, 1) for _ in range(blocks - 1)]
+        module.add_module(f"layer{i + 1}", nn.Sequential(*stage))
+        inplanes = planes * expansion
+    return inplanes
+
+
 class CLIPBottleneck(nn.Module):
     """ResNet bottleneck with anti-aliased striding: an avgpool after conv2 (and before the downsample conv)."""
     expansion = 4
@@ -476,13 +490,7 @@ class ModifiedResNet(nn.Module):
         self.conv3 = nn.Conv2d(width // 2, width, kernel_size=3, padding=1, bias=False)
         self.bn3 = nn.BatchNorm2d(width)
         self.avgpool = nn.AvgPool2d(2)
-        inplanes = width
-        for i, blocks in enumerate(layers):
-            planes, stride = width * 2 ** i, 1 if i == 0 else 2
-            stage = [CLIPBottleneck(inplanes, planes, stride)]
-            stage += [CLIPBottleneck(planes * 4, planes) for _ in range(blocks - 1)]
-            self.add_module(f"layer{i + 1}", nn.Sequential(*stage))
-            inplanes = planes * 4
+        add_stages(self, CLIPBottleneck, width, width, layers, expansion=4)
         self.attnpool = AttentionPool2d(input_resolution // 32, width * 32, heads, output_dim)
 
     def forward(self, x):  # (B, 3, H, W)
@@ -566,14 +574,7 @@ class ResNet(nn.Module):
         self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        inplanes = width
-        for i, blocks in enumerate(layers):
-            planes, stride = width * 2 ** i, 1 if i == 0 else 2
-            stage = [Bottleneck(inplanes, planes, stride)]
-            stage += [Bottleneck(planes * 4, planes) for _ in range(blocks - 1)]
-            self.add_module(f"layer{i + 1}", nn.Sequential(*stage))
-            inplanes = planes * 4
-        self.output_dim = inplanes
+        self.output_dim = add_stages(self, Bottleneck, width, width, layers, expansion=4)
 
     def forward(self, x):  # (B, 3, 224, 224)
         x = self.maxpool(F.relu(self.bn1(self.conv1(x))))  # (B, 64, 56, 56)
@@ -795,15 +796,9 @@ class ResNeXt3D(nn.Module):
         self.conv1 = nn.Conv3d(3, 64, kernel_size=7, stride=(1, 2, 2), padding=3, bias=False)
         self.bn1 = nn.BatchNorm3d(64)
         self.maxpool = nn.MaxPool3d(kernel_size=3, stride=2, padding=1)
-        inplanes = 64
-        for i, blocks in enumerate(layers):
-            planes, stride = 128 * 2 ** i, 1 if i == 0 else 2
-            stage = [ResNeXtBlock(inplanes, planes, cardinality, stride)]
-            stage += [ResNeXtBlock(planes * 2, planes, cardinality) for _ in range(blocks - 1)]
-            self.add_module(f"layer{i + 1}", nn.Sequential(*stage))
-            inplanes = planes * 2
-        self.fc = nn.Linear(inplanes, num_classes)  # the Kinetics classifier: loaded (strict), not used
-        self.output_dim = inplanes
+        block = lambda inplanes, planes, stride: ResNeXtBlock(inplanes, planes, cardinality, stride)  # noqa: E731
+        self.output_dim = add_stages(self, block, 64, 128, layers, expansion=ResNeXtBlock.expansion)
+        self.fc = nn.Linear(self.output_dim, num_classes)  # the Kinetics classifier: loaded (strict), not used
 
     def forward(self, x):  # (B, 3, 16, 112, 112)
         x = self.maxpool(F.relu(self.bn1(self.conv1(x))))  # (B, 64, 8, 28, 28)

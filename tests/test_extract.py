@@ -477,7 +477,8 @@ def test_short_video_repeats_frames(clip_ckpts, video, tmp_path):
     idx = extract.sample_indices(N_TEST_FRAMES, 50)
     assert idx[:5].tolist() == [0, 1, 2, 2, 3]  # floor((i + 0.5) * 40 / 50)
     for i, j in [(1, 2), (2, 3), (3, 4)]:  # the same source frame gives the same feature, others differ
-        assert (idx[i] == idx[j]) == np.array_equal(feats[i], feats[j])
+        # (to float tolerance: a row's position in a batched convolution may change its last bits)
+        assert (idx[i] == idx[j]) == np.allclose(feats[i], feats[j], rtol=0, atol=1e-5)
 
 
 def test_shards_split_and_workers_agree(clip_ckpts, video, tmp_path):
