@@ -41,17 +41,22 @@ def write_audio(path, wave, sample_rate):
     """Write a (C, S) float waveform in [-1, 1] as 16-bit PCM WAV with PyAV; returns the int16 samples."""
     import av
 
-    layout = "mono" if wave.shape[0] == 1 else "stereo"
     pcm = np.round(wave * 32767).astype(np.int16)  # (C, S)
     with av.open(str(path), "w") as container:
-        stream = container.add_stream("pcm_s16le", rate=sample_rate, layout=layout)
-        frame = av.AudioFrame.from_ndarray(pcm.T.reshape(1, -1).copy(), format="s16", layout=layout)
-        frame.sample_rate = sample_rate
-        for packet in stream.encode(frame):
-            container.mux(packet)
-        for packet in stream.encode(None):
-            container.mux(packet)
+        mux_pcm(container, pcm, sample_rate)
     return pcm
+
+
+def mux_pcm(container, pcm, sample_rate):
+    """Write int16 samples (C, S) as one pcm_s16le audio stream of an open PyAV output container."""
+    import av
+
+    layout = "mono" if pcm.shape[0] == 1 else "stereo"
+    stream = container.add_stream("pcm_s16le", rate=sample_rate, layout=layout)
+    frame = av.AudioFrame.from_ndarray(pcm.T.reshape(1, -1).copy(), format="s16", layout=layout)
+    frame.sample_rate = sample_rate
+    for packet in list(stream.encode(frame)) + list(stream.encode(None)):
+        container.mux(packet)
 
 
 def write_silent_video(path, num_frames=8, size=32):
@@ -402,14 +407,7 @@ def write_av(path, n_frames=40, size=(320, 240), audio=None, audio_rate=16000):
         video = container.add_stream("libx264", rate=25)
         video.width, video.height, video.pix_fmt, video.options = w, h, "yuv420p", {"crf": "0"}
         if pcm is not None:
-            layout = "mono" if pcm.shape[0] == 1 else "stereo"
-            sound = container.add_stream("pcm_s16le", rate=audio_rate, layout=layout)
-            frame = av.AudioFrame.from_ndarray(pcm.T.reshape(1, -1).copy(), format="s16", layout=layout)
-            frame.sample_rate = audio_rate
-            for packet in sound.encode(frame):
-                container.mux(packet)
-            for packet in sound.encode(None):
-                container.mux(packet)
+            mux_pcm(container, pcm, audio_rate)
         for k in range(n_frames):
             img = np.full((h, w, 3), 10 + 5 * k, np.uint8)
             img[20:60, 30:70] = (200, 30, 30)
