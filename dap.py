@@ -313,12 +313,12 @@ class CaptionModel(nn.Module):
         sum_logp[:, 0] = 0.0                                                       # one live beam at t=0
         lengths = torch.zeros(B, k, device=device)
         finished = torch.zeros(B, k, dtype=torch.bool, device=device)
+        V, offset = self.cfg.vocab_size, torch.arange(B, device=device).unsqueeze(1) * k  # offset: (B, 1)
+        # a finished hypothesis has one continuation, PAD, that changes neither score nor length
+        frozen = torch.full((V,), float("-inf"), device=device)
+        frozen[PAD] = 0.0
         for t in range(steps):
-            logp = self.next_log_probs(tokens, memory, caches, t).view(B, k, -1)  # (B, k, V)
-            V = logp.size(-1)
-            # a finished hypothesis has one continuation, PAD, that changes neither score nor length
-            frozen = torch.full_like(logp[0, 0], float("-inf"))
-            frozen[PAD] = 0.0
+            logp = self.next_log_probs(tokens, memory, caches, t).view(B, k, V)   # (B, k, V)
             logp = torch.where(finished.unsqueeze(-1), frozen, logp)
             new_len = lengths + (~finished).float()                                # (B, k)
             cand_sum = sum_logp.unsqueeze(-1) + logp                               # (B, k, V)
@@ -330,7 +330,7 @@ class CaptionModel(nn.Module):
             finished = finished.gather(1, origin) | (word == EOS)
             seqs = seqs.gather(1, origin.unsqueeze(-1).expand(-1, -1, steps))
             seqs[:, :, t] = word
-            flat_origin = (origin + torch.arange(B, device=device).unsqueeze(1) * k).view(-1)
+            flat_origin = (origin + offset).view(-1)                               # rows of (B*k)
             for cache in caches:                                                   # reorder the beams
                 cache["self"] = {n: kv.index_select(0, flat_origin) for n, kv in cache["self"].items()}
             tokens = word.view(-1, 1)
