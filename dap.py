@@ -4,11 +4,11 @@ Dual Attribute Prediction (DAP), an auxiliary noisy-OR multiple-instance attribu
 
 Paper: "CLIP Meets Video Captioners: Attribute-Aware Representation Learning Promotes Accurate
 Captioning", Bang Yang and Yuexian Zou (arXiv 2111.15162). Equation numbers below are the paper's.
-The file follows the paper's order: Sec. 3.1-3.2 (encoder, embedding, decoder, caption loss), then
-Sec. 4.1-4.2 (APNet, noisy-OR, attribute loss, video- and text-based attribute prediction), then
-generation. It imports torch and the standard library only, so it can be copied on its own.
+Where the paper is silent, the authors' code (github.com/yangbang18/CLIP-Captioner) decides; the file
+it comes from is named next to the line. The file follows the paper: Sec. 3 (encoder, embedding,
+decoder, caption loss), Sec. 4.1 (APNet, noisy-OR, attribute loss), Sec. 4.2 (sparse sampling, VAP,
+TAP, Eq. 12), then generation. It imports torch and the standard library only: copy it on its own.
 """
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3  # special token ids; a vocabulary must put its words after them
+LN_EPS = 1e-12                   # every LayerNorm (config/archs.yaml: layer_norm_eps)
 
 
 @dataclass
@@ -35,7 +36,6 @@ class Config:
     sparse_sampling: bool = True
     lambda_v: float = 1.0       # lambda_1 in Eq. 12
     lambda_t: float = 1.0       # lambda_2 in Eq. 12
-    length_penalty: float = 1.0  # beam hypotheses are ranked by sum(log p) / length ** alpha
 
     def __post_init__(self):
         self.n_heads = self.n_heads or max(1, self.d_model // 64)
@@ -43,7 +43,7 @@ class Config:
 
 
 # ----------------------------------------------------------------------------------------------
-# Sec. 3.2: encoder, embedding, decoder
+# Sec. 3: encoder (Eq. 1, 5), embedding (Eq. 2), decoder and head (Eq. 3), caption loss (Eq. 4)
 
 
 class Encoder(nn.Module):
@@ -51,8 +51,8 @@ class Encoder(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.proj = nn.ModuleDict({m: nn.Sequential(nn.Linear(dim, cfg.d_model), nn.LayerNorm(cfg.d_model),
-                                                    nn.Dropout(cfg.dropout))
+        self.proj = nn.ModuleDict({m: nn.Sequential(nn.Linear(dim, cfg.d_model), nn.LayerNorm(cfg.d_model, LN_EPS),
+                                                    nn.Dropout(cfg.dropout))  # models/Encoder.py, Embedder
                                    for m, dim in cfg.feature_dims.items()})
 
     def forward(self, feats):
@@ -71,7 +71,7 @@ class Embedding(nn.Module):
         super().__init__()
         self.word = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=PAD)
         self.position = nn.Embedding(cfg.max_len, cfg.d_model)
-        self.norm = nn.LayerNorm(cfg.d_model)
+        self.norm = nn.LayerNorm(cfg.d_model, LN_EPS)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, tokens, start=0):
@@ -79,8 +79,19 @@ class Embedding(nn.Module):
         return self.drop(self.norm(self.word(tokens) + self.position(positions)))  # (B, T, d)
 
 
+@dataclass
+class Cache:
+    """The keys and values (B, h, T, d/h) one attention layer has computed while generating."""
+    k: torch.Tensor = None  # None: empty, before the first decoding step
+    v: torch.Tensor = None
+
+    def select(self, rows):
+        """Keep (and reorder) the batch rows in rows."""
+        self.k, self.v = self.k.index_select(0, rows), self.v.index_select(0, rows)
+
+
 class Attention(nn.Module):
-    """Multi-head attention that can append to a key/value cache for incremental decoding."""
+    """Multi-head attention; while generating it appends to a Cache instead of recomputing the prefix."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -91,45 +102,55 @@ class Attention(nn.Module):
         return x.view(x.size(0), x.size(1), self.n_heads, -1).transpose(1, 2)
 
     def forward(self, x, memory=None, mask=None, cache=None):
-        """Self-attention when memory is None, cross-attention over memory otherwise.
-
-        cache (a dict, filled in place): the keys/values so far; cross-attention computes them once.
-        """
+        """Self-attention when memory is None, cross-attention over memory otherwise."""
         q = self.split_heads(self.q(x))                                    # (B, h, T, d/h)
-        if memory is not None and cache:                                   # cross-attention, cached
-            k, v = cache["k"], cache["v"]
+        if memory is not None and cache is not None and cache.k is not None:
+            k, v = cache.k, cache.v                # cross-attention: the video's keys/values, from step 0
         else:
             source = x if memory is None else memory
             k, v = self.split_heads(self.k(source)), self.split_heads(self.v(source))
-            if cache:                                                      # self-attention: append
-                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+            if memory is None and cache is not None and cache.k is not None:  # self-attention: append
+                k, v = torch.cat([cache.k, k], dim=2), torch.cat([cache.v, v], dim=2)
             if cache is not None:
-                cache.update(k=k, v=v)
+                cache.k, cache.v = k, v
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                            dropout_p=self.p_drop if self.training else 0.0)
         return self.out(y.transpose(1, 2).reshape(x.shape))  # (B, T, d)
 
 
 class DecoderLayer(nn.Module):
-    """A post-LN Transformer decoder layer: causal self-attention, cross-attention, FFN."""
+    """A post-LN Transformer decoder layer: causal self-attention, cross-attention over F, FFN.
+
+    Each sublayer: x = LN(x + Dropout(sublayer(x))); the FFN is Linear-ReLU-Linear with no inner
+    dropout (models/components/SubLayers.py; config/archs.yaml, hidden_act: relu).
+    """
 
     def __init__(self, cfg):
         super().__init__()
         self.self_attn, self.cross_attn = Attention(cfg), Attention(cfg)
-        self.ffn = nn.Sequential(nn.Linear(cfg.d_model, cfg.ffn_mult * cfg.d_model), nn.GELU(),
-                                 nn.Dropout(cfg.dropout), nn.Linear(cfg.ffn_mult * cfg.d_model, cfg.d_model))
-        self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(cfg.d_model) for _ in range(3))
+        self.ffn = nn.Sequential(nn.Linear(cfg.d_model, cfg.ffn_mult * cfg.d_model), nn.ReLU(),
+                                 nn.Linear(cfg.ffn_mult * cfg.d_model, cfg.d_model))
+        self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(cfg.d_model, LN_EPS) for _ in range(3))
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, memory, causal_mask=None, cache=None):
-        cache = cache if cache is not None else {}
-        x = self.norm1(x + self.drop(self.self_attn(x, mask=causal_mask, cache=cache.get("self"))))
-        x = self.norm2(x + self.drop(self.cross_attn(x, memory=memory, cache=cache.get("cross"))))
+    def forward(self, x, memory, causal_mask=None, cache=(None, None)):
+        x = self.norm1(x + self.drop(self.self_attn(x, mask=causal_mask, cache=cache[0])))
+        x = self.norm2(x + self.drop(self.cross_attn(x, memory=memory, cache=cache[1])))
         return self.norm3(x + self.drop(self.ffn(x)))
 
 
+def caption_loss(logits, targets):
+    """Eq. 4 with teacher forcing: -sum_t log p(y_t | Y_<t, V) over the non-PAD targets, / batch size.
+
+    logits: (B, T, V) for the inputs BOS w1..wn; targets: (B, T), w1..wn EOS PAD...
+    The authors sum over tokens and average over videos (misc/Crit/crit_lang.py, misc/Crit/base.py).
+    """
+    nll = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=PAD, reduction="sum")
+    return nll / targets.size(0)
+
+
 # ----------------------------------------------------------------------------------------------
-# Sec. 4.1: attribute prediction as multiple-instance learning
+# Sec. 4.1: attribute prediction as multiple-instance learning (Eq. 6: P_raw = sigmoid(APNet(X)))
 
 
 def noisy_or(p_raw, valid=None):
@@ -137,10 +158,10 @@ def noisy_or(p_raw, valid=None):
 
     p_raw: (B, L, K) instance probabilities; valid: (B, L) bool, True for a real instance.
     """
-    log_not = torch.log1p(-p_raw.clamp(max=1 - 1e-6))  # log(1 - P_raw); clamp keeps it finite
+    log_not = (1 - p_raw).clamp(min=1e-12).log()  # log(1 - P_raw), kept finite (models/Predictor/pred_attribute.py)
     if valid is not None:
         log_not = log_not.masked_fill(~valid.unsqueeze(-1), 0.0)
-    return -torch.expm1(log_not.sum(dim=1))  # (B, K)
+    return 1 - log_not.sum(dim=1).exp()  # (B, K)
 
 
 def attribute_loss(p_raw, labels, valid=None):
@@ -151,19 +172,22 @@ def attribute_loss(p_raw, labels, valid=None):
     B, L, K = p_raw.shape
     labels = labels.float()
     valid = torch.ones(B, L, dtype=torch.bool, device=p_raw.device) if valid is None else valid
-    # p is clamped to [0.01, 0.99] before the logarithms of Eq. 8, as the authors' implementation does
-    p = noisy_or(p_raw, valid).clamp(0.01, 0.99)
+    p = noisy_or(p_raw, valid).clamp(0.01, 0.99)  # clamped before the logarithms (misc/Crit/crit_attribute.py)
     k_pos = labels.sum(dim=1)                                                       # (B,)
     bce = -(labels * p.log() + (1 - labels) * (1 - p).log()).sum(dim=1)            # Eq. 8, summed over K
     bce = bce / k_pos.clamp(min=1)                                                  # ... normalised by K_pos
-    # Eq. 9, L_reg = max(mean(P_raw) - K_pos / K, 0): keeps attribute prediction conservative
+    # Eq. 9, L_reg = max(mean(P_raw) - K_pos / K, 0) over the real instances: keeps prediction conservative
     mean_p_raw = (p_raw * valid.unsqueeze(-1)).sum(dim=(1, 2)) / (valid.sum(dim=1) * K).clamp(min=1)
     reg = (mean_p_raw - k_pos / K).clamp(min=0)
     return (bce + reg).mean()                                                       # Eq. 10
 
 
+# ----------------------------------------------------------------------------------------------
+# Sec. 4.2: Dual Attribute Prediction: VAP from sparsely sampled F', TAP from a caption's E (Eq. 11)
+
+
 def sparse_sample(valid, training=True):
-    """Sec. 4.2, keep N' = ceil(L * r) of each video's L instances, r ~ U(0, 1], without replacement.
+    """Keep N' = ceil(L * r) of each video's L instances, r ~ U(0, 1], without replacement.
 
     valid: (B, L) bool. Returns a (B, L) bool mask of the kept instances (all of them at evaluation).
     """
@@ -181,8 +205,19 @@ def sparse_sample(valid, training=True):
 # The captioner with Dual Attribute Prediction (Fig. 2)
 
 
+def init_weights(module):
+    """xavier_uniform for every Linear and Embedding weight, zero biases and PAD row; LayerNorm (1, 0),
+    torch's default (models/Framework.py, Seq2SeqBase._init_weights)."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.xavier_uniform_(module.weight)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+    if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+        nn.init.zeros_(module.weight[module.padding_idx])
+
+
 class CaptionModel(nn.Module):
-    """Encoder (Eq. 5) + embedding (Eq. 2) + decoder and head (Eq. 3) + the two APNets (Eq. 6)."""
+    """Encoder (Eq. 5) + embedding (Eq. 2) + decoder and head (Eq. 3) + the two APNets (Eq. 6), Fig. 2."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -190,59 +225,58 @@ class CaptionModel(nn.Module):
         self.encoder = Encoder(cfg)
         self.embedding = Embedding(cfg)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layers))
-        self.head = nn.Linear(cfg.d_model, cfg.vocab_size)
+        self.drop = nn.Dropout(cfg.dropout)                                       # models/Decoder.py, before the head
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)           # models/Head.py, NaiveHead
         # Eq. 6, APNet = one FC layer; "do not share the same APNet" for video and text (Sec. 4.2)
         self.vap_net = nn.Linear(cfg.d_model, cfg.n_attributes) if cfg.vap else None
         self.tap_net = nn.Linear(cfg.d_model, cfg.n_attributes) if cfg.tap else None
+        with torch.no_grad():
+            self.apply(init_weights)
 
     def encode(self, feats):
         """Learned video features F (Eq. 5): dict of (B, N, D_m) -> (B, M*N, d)."""
         return self.encoder(feats)
 
-    def decode(self, tokens, memory, caches=None, start=0):
-        """Eq. 3, next-token logits (B, T, V) for tokens (B, T) at positions start.. given F."""
-        if start + tokens.size(1) > self.cfg.max_len:
-            raise ValueError(f"sequence of {start + tokens.size(1)} tokens exceeds max_len={self.cfg.max_len}")
-        x = self.embedding(tokens, start)
-        T = tokens.size(1)
-        causal = None if T == 1 else torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
-        if causal is not None and start > 0:  # several new tokens after a cache: see the cache, too
-            causal = torch.cat([torch.ones(T, start, dtype=torch.bool, device=tokens.device), causal], 1)
+    def decode(self, embeddings, memory, caches=None, start=0):
+        """Eq. 3, next-token logits (B, T, V) given the embedded tokens E (B, T, d) at positions start.. and F."""
+        T = embeddings.size(1)
+        if start + T > self.cfg.max_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds max_len={self.cfg.max_len}")
+        causal = None if T == 1 else torch.ones(T, start + T, dtype=torch.bool, device=memory.device).tril(start)
+        x = embeddings
         for i, layer in enumerate(self.layers):
-            x = layer(x, memory, causal, None if caches is None else caches[i])
-        return self.head(x)
-
-    def caption_loss(self, memory, captions):
-        """Eq. 4 with teacher forcing: -sum_t log p(y_t | Y_<t, V), PAD excluded, / batch size."""
-        logits = self.decode(captions[:, :-1], memory)                            # (B, T-1, V)
-        nll = F.cross_entropy(logits.transpose(1, 2), captions[:, 1:], ignore_index=PAD, reduction="sum")
-        return nll / captions.size(0)  # the authors sum over tokens and average over videos
+            x = layer(x, memory, causal, (None, None) if caches is None else caches[i])
+        return self.head(self.drop(x))
 
     def video_attribute_p_raw(self, memory):
         """Eq. 6 with X = F (or the sparsely sampled F'): instance probabilities (B, M*N, K)."""
         return torch.sigmoid(self.vap_net(memory))
 
-    def text_attribute_p_raw(self, captions):
-        """Eq. 6 with X = E (Eq. 11), the caption's tokens after BOS: (P_raw (B, T-1, K), valid (B, T-1))."""
-        p_raw = torch.sigmoid(self.tap_net(self.embedding(captions)[:, 1:]))
-        return p_raw, captions[:, 1:] != PAD
+    def text_attribute_p_raw(self, embeddings):
+        """Eq. 6 with X = E (Eq. 11), the caption's embedded decoder inputs BOS w1..wn: (B, T, K)."""
+        return torch.sigmoid(self.tap_net(embeddings))
 
     def forward(self, feats, captions, attributes=None):
-        """Eq. 12, L = L_cap + lambda_1 L_ap^V + lambda_2 L_ap^T; returns each part and the total."""
+        """Eq. 12, L = L_cap + lambda_1 L_ap^V + lambda_2 L_ap^T; returns each part and the total.
+
+        captions: (B, T) BOS w1..wn EOS PAD...; attributes: (B, K) multi-hot (needed for VAP and TAP).
+        """
         cfg = self.cfg
         if (cfg.vap or cfg.tap) and attributes is None:
             raise ValueError("attribute labels (B, K) are required when VAP or TAP is on")
         memory = self.encode(feats)                                               # (B, L, d)
-        out = {"cap": self.caption_loss(memory, captions)}
+        inputs, targets = captions[:, :-1], captions[:, 1:]
+        embeddings = self.embedding(inputs)                                       # E (B, T, d), one dropout draw
+        out = {"cap": caption_loss(self.decode(embeddings, memory), targets)}
         out["loss"] = out["cap"]
-        if cfg.vap:  # Sec. 4.2, video-based attribute prediction from sparsely sampled F'
+        if cfg.vap:  # video-based attribute prediction from sparsely sampled F'
             all_instances = torch.ones(memory.shape[:2], dtype=torch.bool, device=memory.device)
             kept = sparse_sample(all_instances, self.training and cfg.sparse_sampling)
             out["vap"] = attribute_loss(self.video_attribute_p_raw(memory), attributes, kept)
             out["loss"] = out["loss"] + cfg.lambda_v * out["vap"]
-        if cfg.tap:  # Sec. 4.2, text-based attribute prediction from a ground-truth caption
-            p_raw, valid = self.text_attribute_p_raw(captions)
-            out["tap"] = attribute_loss(p_raw, attributes, valid)
+        if cfg.tap:  # text-based: the decoder's own input embeddings where the target is not PAD
+            # (misc/Crit/crit_attribute.py, NoisyOrMILWithEmbs on "input_embs"; misc/Crit/prepare.py)
+            out["tap"] = attribute_loss(self.text_attribute_p_raw(embeddings), attributes, targets != PAD)
             out["loss"] = out["loss"] + cfg.lambda_t * out["tap"]
         return out
 
@@ -257,87 +291,75 @@ class CaptionModel(nn.Module):
             return noisy_or(self.video_attribute_p_raw(self.encode(feats)))
         if self.tap_net is None:
             raise ValueError("this model was trained without TAP (cfg.tap=False)")
-        return noisy_or(*self.text_attribute_p_raw(captions))
+        p_raw = self.text_attribute_p_raw(self.embedding(captions[:, :-1]))
+        return noisy_or(p_raw, captions[:, 1:] != PAD)
 
     # ------------------------------------------------------------------------------------------
-    # Generation: greedy and batched beam search with a key/value cache
-
-    def new_caches(self):
-        """Empty key/value caches, one per layer; the first decoding step fills them."""
-        return [{"self": {}, "cross": {}} for _ in self.layers]
+    # Generation: batched beam search with a key/value cache (beam_size=1 is greedy search)
 
     def next_log_probs(self, tokens, memory, caches, step):
         """log p(y | Y_<t, V) (B, V) for the last tokens (B, 1); PAD and BOS can never be produced."""
-        logits = self.decode(tokens, memory, caches, start=step)[:, -1]
-        logits[:, [PAD, BOS]] = float("-inf")
-        return logits.log_softmax(dim=-1)
+        logits = self.decode(self.embedding(tokens, step), memory, caches, step)[:, -1]
+        log_p = logits.log_softmax(dim=-1)
+        log_p[:, [PAD, BOS]] = float("-inf")  # the authors' Beam forbids nothing (README, differences)
+        return log_p
 
     @torch.no_grad()
-    def generate(self, feats, beam_size=5, max_len=None):
-        """Captions (B, T') without BOS, EOS and what follows it set to PAD; beam_size=1 is greedy."""
-        if beam_size == 1:
-            return self.greedy(feats, max_len)
-        return self.beam_search(feats, beam_size, max_len)
+    def generate(self, feats, beam_size=5, max_len=None, length_penalty=1.0):
+        """Captions (B, T') of word ids, no BOS, EOS and what follows it set to PAD.
 
-    @torch.no_grad()
-    def greedy(self, feats, max_len=None):
-        """Take the most probable word at each step until EOS or max_len (BOS and EOS included)."""
-        memory = self.encode(feats)
-        B, steps = memory.size(0), (max_len or self.cfg.max_len) - 1
-        caches = self.new_caches()
-        tokens = torch.full((B, 1), BOS, dtype=torch.long, device=memory.device)
-        out = torch.full((B, steps), PAD, dtype=torch.long, device=memory.device)
-        done = torch.zeros(B, dtype=torch.bool, device=memory.device)
-        for t in range(steps):
-            tokens = self.next_log_probs(tokens, memory, caches, t).argmax(dim=-1, keepdim=True)  # (B, 1)
-            out[:, t] = tokens[:, 0].masked_fill(done, PAD)
-            done |= tokens[:, 0] == EOS
-            if done.all():
-                break
-        return finalize(out)
-
-    @torch.no_grad()
-    def beam_search(self, feats, beam_size=5, max_len=None):
-        """All videos and beams at once; finished hypotheses stay in the beam with a frozen score.
-
-        A hypothesis is ranked by sum(log p) / length ** alpha, length counting its words and EOS.
+        The authors' beam rule (misc/Decoding/Beam.py, models/Translator.py), for all videos at once:
+        each step keeps the beam_size best continuations of the live hypotheses by summed log p; one
+        that ends with EOS leaves the beam for the video's finished list; a video is done when
+        beam_size hypotheses have finished (or at max_len, when, if none has finished, its live ones
+        count). The answer is the finished hypothesis with the best sum(log p) / length ** alpha
+        (length: words + EOS; alpha = length_penalty). Done videos leave the decoding batch.
         """
         memory = self.encode(feats)
-        B, k, steps, alpha = memory.size(0), beam_size, (max_len or self.cfg.max_len) - 1, self.cfg.length_penalty
-        device = memory.device
+        B, k, V, device = memory.size(0), beam_size, self.cfg.vocab_size, memory.device
+        steps = (max_len or self.cfg.max_len) - 1                                  # tokens after BOS
         memory = memory.repeat_interleave(k, dim=0)                                # (B*k, L, d)
-        caches = self.new_caches()
+        caches = [(Cache(), Cache()) for _ in self.layers]                         # (self, cross) per layer
         tokens = torch.full((B * k, 1), BOS, dtype=torch.long, device=device)
-        seqs = torch.full((B, k, steps), PAD, dtype=torch.long, device=device)
         sum_logp = torch.full((B, k), float("-inf"), device=device)
-        sum_logp[:, 0] = 0.0                                                       # one live beam at t=0
-        lengths = torch.zeros(B, k, device=device)
-        finished = torch.zeros(B, k, dtype=torch.bool, device=device)
-        V, offset = self.cfg.vocab_size, torch.arange(B, device=device).unsqueeze(1) * k  # offset: (B, 1)
-        # a finished hypothesis has one continuation, PAD, that changes neither score nor length
-        frozen = torch.full((V,), float("-inf"), device=device)
-        frozen[PAD] = 0.0
+        sum_logp[:, 0] = 0.0                                                       # one live hypothesis at t=0
+        seqs = torch.full((B, k, steps), PAD, dtype=torch.long, device=device)
+        best_score = torch.full((B,), float("-inf"), device=device)               # best finished, per video
+        best = torch.full((B, steps), PAD, dtype=torch.long, device=device)
+        n_finished = torch.zeros(B, dtype=torch.long, device=device)
+        active = torch.arange(B, device=device)                                    # videos still decoding
         for t in range(steps):
-            logp = self.next_log_probs(tokens, memory, caches, t).view(B, k, V)   # (B, k, V)
-            logp = torch.where(finished.unsqueeze(-1), frozen, logp)
-            new_len = lengths + (~finished).float()                                # (B, k)
-            cand_sum = sum_logp.unsqueeze(-1) + logp                               # (B, k, V)
-            cand_score = cand_sum / new_len.unsqueeze(-1).clamp(min=1) ** alpha
-            top = cand_score.view(B, -1).topk(k, dim=-1).indices                  # (B, k) over k*V
+            n = active.numel()
+            log_p = self.next_log_probs(tokens, memory, caches, t).view(n, k, V)
+            sum_logp, top = (sum_logp.unsqueeze(-1) + log_p).view(n, k * V).topk(k, dim=1)  # (n, k), best first
             origin, word = top // V, top % V
-            sum_logp = cand_sum.view(B, -1).gather(1, top)
-            lengths = new_len.gather(1, origin)
-            finished = finished.gather(1, origin) | (word == EOS)
             seqs = seqs.gather(1, origin.unsqueeze(-1).expand(-1, -1, steps))
             seqs[:, :, t] = word
-            flat_origin = (origin + offset).view(-1)                               # rows of (B*k)
-            for cache in caches:                                                   # reorder the beams
-                cache["self"] = {n: kv.index_select(0, flat_origin) for n, kv in cache["self"].items()}
-            tokens = word.view(-1, 1)
-            if finished.all():
+            real = sum_logp > float("-inf")
+            ended = real & (word == EOS)
+            # finished hypotheses are collected in rank order until the video has beam_size of them
+            taken = ended & (n_finished[active, None] + ended.long().cumsum(dim=1) <= k)
+            score, i = torch.where(taken, sum_logp / (t + 1) ** length_penalty, float("-inf")).max(dim=1)
+            better = score > best_score[active]                  # strictly: the earlier one wins a tie
+            best_score[active[better]] = score[better]
+            best[active[better]] = seqs[better, i[better]]
+            n_finished[active] += taken.sum(dim=1)
+            if t == steps - 1:                                   # max_len: with nothing finished, the
+                none = n_finished[active] == 0                   # best live hypothesis is the answer
+                best[active[none]] = seqs[none, 0]
                 break
-        best = (sum_logp / lengths.clamp(min=1) ** alpha).argmax(dim=1)            # (B,)
-        return finalize(seqs[torch.arange(B, device=device), best])
+            sum_logp = sum_logp.masked_fill(word == EOS, float("-inf"))            # not extended
+            keep = (n_finished[active] < k) & (sum_logp > float("-inf")).any(dim=1)
+            if not keep.any():
+                break
+            rows = torch.arange(n, device=device).unsqueeze(1) * k                # (n, 1) first row per video
+            kept_rows = (rows + torch.arange(k, device=device))[keep].view(-1)     # done videos leave the batch
+            for self_cache, cross_cache in caches:
+                self_cache.select((rows + origin)[keep].view(-1))                  # each beam's own prefix
+                cross_cache.select(kept_rows)  # the same video for all its beams: only drop, never reorder
+            memory = memory.index_select(0, kept_rows)
+            active, sum_logp, seqs, tokens = active[keep], sum_logp[keep], seqs[keep], word[keep].view(-1, 1)
+        return finalize(best)
 
 
 def finalize(tokens):

@@ -1,27 +1,57 @@
 """
-Frozen backbone features from raw videos: video files -> DIR/<video_id>.npy, float32 (N, D).
+Frozen backbone features from raw videos: video files -> DIR/<video_id>.npy, float32 (N, D), one row per segment.
 
-Sec. 3.3 of the paper samples N = 28 frames per video uniformly and encodes each one with a frozen
-image backbone: the visual encoder of CLIP (openai/CLIP) or, for the ImageNet pre-training (INP)
-baseline, torchvision's ImageNet ResNet-101. Sec. 4 adds motion, a 16-frame clip per segment through
-a 3D ResNeXt-101 pre-trained on Kinetics-400 (Hara et al., CVPR 2018), and audio, a 0.96 s log-mel
-example per segment through VGGish pre-trained on AudioSet (Hershey et al., ICASSP 2017), with zero
-vectors for videos without a soundtrack. This file holds, in reading order:
-  1. frame, clip and audio sampling and decoding (PyAV), bounded in memory
-  2. preprocessing (OpenAI's CLIP transform; torchvision's ImageNet transform; 3D-ResNets' clip
-     transform; VGGish's log-mel front end)
-  3. the backbones in plain PyTorch, built from public checkpoints' state_dicts; CLIP's text side
-     (BPE tokenizer, text tower) from the same CLIP checkpoints, for CLIPScore in train.py
-  4. the backbone registry (name -> kind, builder, preprocessing, dim, URL + SHA-256)
-  5. weights: download, verify, cache, load (a backbone; CLIP's text tower; encode captions)
-  6. the extraction loop: parallel decoding, batches across videos, atomic writes, resume,
-     failures, shards, progress
-  7. the command line
-It knows nothing of datasets or training: train.py reads the .npy files it writes.
-
-    python extract.py videos/ --out feats/image --backbone ViT-B/32
+    python extract.py videos/ --out feats/image  --backbone ViT-B/32                    # image  (N, 512)
     python extract.py videos/ --out feats/motion --backbone resnext101-kinetics --weights resnext-101-kinetics.pth
-    python extract.py videos/ --out feats/audio --backbone vggish
+    python extract.py videos/ --out feats/audio  --backbone vggish                      # audio  (N, 128)
+
+Segments. A video of F decodable frames is cut into N segments (--frames, default 60: the authors' fixed 60
+features per video; train.py then takes 28 of the 60 by the same rule) by the authors' rule
+(get_uniform_ids_from_k_snippets): bounds b_i = int(i * F / N) for i < N and b_N = F, segment i's centre frame
+(b_i + b_i+1) // 2; a video shorter than N frames repeats frames. F is counted by decoding (a container's frame
+count is trusted only when the decode confirms it), so a truncated file gives features of the frames it has.
+Decoding uses PyAV (FFmpeg ships in its wheels); only the sampled frames are held in memory.
+
+Backbones (--backbone), plain PyTorch below, built from the public checkpoints (sizes read off the tensor shapes):
+  ViT-B/32 (default, the paper's), ViT-B/16   CLIP visual encoder (ViT), D = 512
+  RN50, RN101, RN50x4                         CLIP visual encoder (ModifiedResNet), D = 1024, 512, 640
+  resnet101                                   ImageNet ResNet-101 (the INP baseline of Sec. 3), torchvision's
+                                              IMAGENET1K_V1 without fc: layer4 globally average-pooled, D = 2048
+  resnext101-kinetics                         3D ResNeXt-101 on Kinetics-400 (Hara et al., CVPR 2018), D = 2048
+  vggish, vggish-pca                          VGGish on AudioSet (Hershey et al., ICASSP 2017), D = 128
+- CLIP: encode_image's projected embedding, not L2-normalised. OpenAI's transform: shorter side to 224 (RN50x4:
+  288, its input size) with PIL bicubic, centre crop, RGB, /255, mean (0.48145466, 0.4578275, 0.40821073), std
+  (0.26862954, 0.26130258, 0.27577711). ImageNet: shorter side 256 (PIL bilinear), centre crop 224, /255, mean
+  (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225).
+- Motion: per segment the 16 consecutive frames centred on its centre frame (shifted to stay inside the video,
+  looped when it is shorter than 16 frames); 3D-ResNets-PyTorch's test transform: shorter side 112 (PIL bilinear),
+  centre crop 112, RGB in [0, 255] minus (114.7748, 107.7354, 99.4750), no std. --batch_size counts clips.
+- Audio: the first soundtrack as 16-bit PCM (what the authors' `ffmpeg -i VIDEO -f wav` gives), / 32768, the
+  channel mean, resampled to 16 kHz with resampy, as torchvggish's waveform_to_examples; log mel: 25 ms
+  periodic-Hann windows every 10 ms, |FFT 512|, 64 HTK mel bands 125-7500 Hz, log(mel + 0.01). Per segment one
+  0.96 s example (96 x 64) centred on its centre frame's time (start + k / fps, k by the rule above on the
+  container's frame count), shifted to stay inside the soundtrack (zero-padded when it is shorter than 0.96 s).
+  The mono track is held in memory at its own rate (23 MB per minute at 48 kHz). vggish gives the raw embeddings
+  (the paper's); vggish-pca adds the AudioSet release's PCA, whitening and 8-bit quantisation. As in torchvggish,
+  a ReLU follows the last layer (TF's release has none: torchvggish issue #24). A video without a soundtrack gets
+  zeros and is listed in meta.json's "silent" (and silent.txt, so that shards sharing a folder all count).
+- Precision: fp32 (the authors note that fp16 features change the captions; fp32 also turns TF32 off on a GPU);
+  --dtype fp16|bf16 runs the backbone under autocast: faster on a GPU, the features differ slightly.
+
+Weights (--weights PATH): OpenAI's released .pt files (TorchScript) or a state_dict file (read weights_only).
+Without --weights the file is downloaded from its public URL, checked against the SHA-256 (or its prefix) that the
+URL carries and cached in $DAP_CACHE (default ~/.cache/dap); offline, the error names the URL to fetch by hand.
+resnext-101-kinetics.pth sits in 3D-ResNets-PyTorch's Google Drive folder (no direct download, no published
+hash): download it by hand and pass --weights (or put it in the cache); its `module.` keys load as they are.
+
+Output in --out DIR: <video_id>.npy, each written atomically (existing ones are skipped: a killed run resumes);
+meta.json (backbone, D, N, dtype, weights SHA-256, frame rule, preprocessing; resuming with other settings is
+refused); failed.txt (video_id TAB path TAB reason; retried, and dropped when fixed, by the next run). Exit status
+0; 1 when some videos failed (each on stderr; the others go on); 2 for a usage or I/O error (one line naming the
+file). --shard i/n takes every n-th video from the i-th, so that several GPUs or machines share one --out.
+
+The code, in reading order: 1. sampling and decoding; 2. preprocessing; 3. the backbones, and CLIP's text side
+(BPE tokenizer, text tower) for CLIPScore in train.py; 4. the registry; 5. weights; 6. the extraction loop; 7. CLI.
 """
 import argparse
 import gzip
@@ -32,11 +62,12 @@ import json
 import math
 import multiprocessing
 import os
+import shutil
 import sys
-import tempfile
+import threading
 import time
-import urllib.error
 import urllib.request
+import uuid
 import warnings
 import zipfile
 from collections import OrderedDict
@@ -54,9 +85,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from tqdm import tqdm
 
 VIDEO_EXTENSIONS = {".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".flv", ".wmv", ".mpg", ".mpeg",
                     ".3gp", ".ts", ".ogv"}
+FRAMES = 60  # N per video: the authors' fixed 60 (config/Constants.py n_total_frames); train.py takes 28 of them
+BATCH_SIZE = 256  # samples per backbone batch
 
 
 class VideoError(Exception):
@@ -68,14 +102,17 @@ class VideoError(Exception):
 
 
 def sample_indices(num_frames: int, n: int) -> np.ndarray:
-    """Centres of n equal segments of num_frames frames: floor((i + 0.5) * F / N), i = 0..N-1."""
+    """(N,) centre frames of n segments of num_frames frames, by the authors' rule (misc/utils.py of
+    yangbang18/CLIP-Captioner, get_uniform_ids_from_k_snippets): bounds int(x) of np.linspace(0, F, N + 1), whose
+    i-th value is i * (F / N) and last F; centre i = (bound_i + bound_i+1) // 2."""
     if num_frames <= 0:
         raise ValueError(f"cannot sample from {num_frames} frames")
-    return np.floor((np.arange(n) + 0.5) * num_frames / n).astype(np.int64)  # (N,)
+    bounds = [int(i * (num_frames / n)) for i in range(n)] + [num_frames]
+    return np.array([(bounds[i] + bounds[i + 1]) // 2 for i in range(n)], dtype=np.int64)
 
 
-def _grab_frames(path, wanted, preprocess: Callable, threads: int):
-    """Decode `path` once; keep preprocess(frame) for the frame indices wanted(F_claimed) -> (kept, F).
+def grab_frames(path, wanted, preprocess: Callable, threads: int):
+    """Decode `path` once; keep preprocess(frame) for the frame indices wanted(F_claimed) -> (kept, F, F_claimed).
 
     F_claimed is the container's frame count (0 if unknown); F is the number of frames actually decoded.
     """
@@ -123,13 +160,13 @@ def decode_frames(path, n: int, preprocess: Callable, threads: int = 0, clip_len
         centres = sample_indices(f, n)
         return clip_indices(centres, f, clip_len) if clip_len else centres
 
-    kept, count, claimed = _grab_frames(
+    kept, count, claimed = grab_frames(
         path, lambda f: wanted(f).ravel() if f > 0 else np.empty(0, np.int64), preprocess, threads)
     if count == 0:
         raise VideoError("zero decodable video frames")
     indices = wanted(count)
     if count != claimed:
-        kept, count2, _ = _grab_frames(path, lambda f: indices.ravel(), preprocess, threads)
+        kept, count2, _ = grab_frames(path, lambda f: indices.ravel(), preprocess, threads)
         if count2 != count:
             raise VideoError(f"decoding is not repeatable ({count} then {count2} frames)")
     frames = np.stack([kept[i] for i in indices.ravel().tolist()])  # (N [* clip_len], H, W, 3)
@@ -140,28 +177,32 @@ AUDIO_RATE = 16000  # VGGish's sample rate
 
 
 def decode_audio(path):
-    """(mono float32 waveform at 16 kHz, its start time in s) of the first audio track; None without one.
+    """(mono float64 waveform at 16 kHz, its start time in s) of the first audio track; None without one.
 
-    PyAV (libswresample) resamples each channel, then the channels are averaged: the reference averages
-    first (np.mean) and resamples with resampy; both steps are linear, so only the resampling filters differ.
+    As the reference: the samples as 16-bit PCM / 32768 (the authors' ffmpeg -f wav, then torchvggish's
+    wavfile_to_examples), the mean over channels, resampy.resample to 16 kHz (waveform_to_examples).
     """
     with av.open(str(path)) as container:
         if not container.streams.audio:
             return None
         stream = container.streams.audio[0]
         start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
-        resampler, chunks = None, []
+        to_pcm, rate, chunks = None, AUDIO_RATE, []
         try:
             for frame in container.decode(stream):
-                if resampler is None:  # same channel layout, float planar, 16 kHz
-                    resampler = av.AudioResampler(format="fltp", layout=frame.layout, rate=AUDIO_RATE)
-                chunks += [out.to_ndarray() for out in resampler.resample(frame)]  # (C, S_k) each
-            if resampler is not None:
-                chunks += [out.to_ndarray() for out in resampler.resample(None)]  # the filter's tail
+                if to_pcm is None:  # int16 planar, the decoder's channels and rate
+                    rate = frame.sample_rate
+                    to_pcm = av.AudioResampler(format="s16p", layout=frame.layout, rate=rate)
+                chunks += [(pcm.to_ndarray() / 32768.0).mean(axis=0) for pcm in to_pcm.resample(frame)]  # (S_k,)
+            if to_pcm is not None:
+                chunks += [(pcm.to_ndarray() / 32768.0).mean(axis=0) for pcm in to_pcm.resample(None)]
         except av.error.FFmpegError:
             pass  # a corrupt or truncated tail: keep what decoded
-    wave = np.concatenate(chunks, axis=1).mean(axis=0) if chunks else np.zeros(0)  # (S,)
-    return wave.astype(np.float32), start
+    wave = np.concatenate(chunks) if chunks else np.zeros(0)  # (S,) float64
+    if rate != AUDIO_RATE and wave.size:
+        import resampy  # here: it loads numba, seconds that image and motion extraction need not pay
+        wave = resampy.resample(wave, rate, AUDIO_RATE)
+    return wave, start
 
 
 def segment_times(path, n: int, threads: int = 0) -> np.ndarray:
@@ -180,7 +221,7 @@ def segment_times(path, n: int, threads: int = 0) -> np.ndarray:
         duration = (float(stream.duration * stream.time_base) if stream.duration
                     else (container.duration or 0) / av.time_base)
     if rate and count <= 0:
-        _, count, _ = _grab_frames(path, lambda f: np.empty(0, np.int64), None, threads)
+        _, count, _ = grab_frames(path, lambda f: np.empty(0, np.int64), None, threads)
     if rate and count > 0:
         return start + sample_indices(count, n) / float(rate)
     if duration > 0:
@@ -213,6 +254,12 @@ def decode_log_mel(path, n: int, threads: int = 0):
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# The test transform of kenshohara/3D-ResNets-PyTorch (2018 release: opts.py, mean.py, main.py), whose
+# Kinetics checkpoints the motion backbone loads: --sample_duration 16, --sample_size 112; Scale(112)
+# (shorter side, PIL bilinear, the other int(112 * long / short)); CenterCrop(112) with round();
+# ToTensor(norm_value=1), so pixels stay in [0, 255]; Normalize(get_mean(1, 'activitynet'), [1, 1, 1]).
+KINETICS_CLIP_LEN, KINETICS_SIZE = 16, 112
+KINETICS_MEAN = (114.7748, 107.7354, 99.4750)  # RGB; no std
 
 
 def resize_shorter(img: Image.Image, size: int, resample) -> Image.Image:
@@ -232,44 +279,23 @@ def center_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def clip_preprocess(img: Image.Image, size: int = 224) -> np.ndarray:
-    """OpenAI CLIP: shorter side to 224 (PIL bicubic), centre crop 224, RGB; -> (224, 224, 3) uint8."""
-    img = center_crop(resize_shorter(img, size, Image.BICUBIC), size).convert("RGB")
-    return np.asarray(img, dtype=np.uint8)
+def preprocess(img: Image.Image, resize: int, size: int, resample) -> np.ndarray:
+    """Shorter side to `resize` (PIL filter `resample`), centre crop `size`, RGB -> (size, size, 3) uint8.
+
+    CLIP: resize = size = 224 (RN50x4: 288), bicubic; ImageNet: 256, 224, bilinear; Kinetics: 112, 112, bilinear.
+    """
+    return np.asarray(center_crop(resize_shorter(img, resize, resample), size).convert("RGB"), dtype=np.uint8)
 
 
-def imagenet_preprocess(img: Image.Image, resize: int = 256, size: int = 224) -> np.ndarray:
-    """torchvision ImageNet eval: shorter side to 256 (PIL bilinear), centre crop 224, RGB."""
-    img = center_crop(resize_shorter(img, resize, Image.BILINEAR), size).convert("RGB")
-    return np.asarray(img, dtype=np.uint8)
+def normalize(x: torch.Tensor, mean, std=(1.0, 1.0, 1.0), scale: float = 255.0) -> torch.Tensor:
+    """(B, [T,] H, W, 3) uint8 -> (B, 3, [T,] H, W) float32: x / scale, minus mean, over std, per channel.
 
-
-def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
-    """(B, H, W, 3) uint8 -> (B, 3, H, W) float32: /255 then (x - mean) / std, per channel."""
-    x = x.permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
-
-
-# The test transform of kenshohara/3D-ResNets-PyTorch (2018 release: opts.py, mean.py, main.py), whose
-# Kinetics checkpoints the motion backbone loads: --sample_duration 16, --sample_size 112; Scale(112)
-# (shorter side, PIL bilinear, the other int(112 * long / short)); CenterCrop(112) with round();
-# ToTensor(norm_value=1), so pixels stay in [0, 255]; Normalize(get_mean(1, 'activitynet'), [1, 1, 1]).
-KINETICS_CLIP_LEN, KINETICS_SIZE = 16, 112
-KINETICS_MEAN = (114.7748, 107.7354, 99.4750)  # RGB; no std
-
-
-def kinetics_preprocess(img: Image.Image, size: int = KINETICS_SIZE) -> np.ndarray:
-    """3D-ResNets: shorter side to 112 (PIL bilinear), centre crop 112, RGB -> (112, 112, 3) uint8."""
-    img = center_crop(resize_shorter(img, size, Image.BILINEAR), size).convert("RGB")
-    return np.asarray(img, dtype=np.uint8)
-
-
-def kinetics_input(x: torch.Tensor) -> torch.Tensor:
-    """(B, T, H, W, 3) uint8 clips -> (B, 3, T, H, W) float32: pixel values in [0, 255] minus the mean."""
-    mean = torch.tensor(KINETICS_MEAN, device=x.device)
-    return (x.float() - mean).permute(0, 4, 1, 2, 3).contiguous()
+    CLIP and ImageNet: scale 255 and their mean / std; Kinetics: scale 1 (pixels in [0, 255]), its mean, std 1.
+    """
+    x = x.movedim(-1, 1).float() / scale
+    shape = (1, 3) + (1,) * (x.dim() - 2)  # broadcast over the channel axis
+    mean, std = torch.tensor(mean, device=x.device).view(shape), torch.tensor(std, device=x.device).view(shape)
+    return ((x - mean) / std).contiguous()
 
 
 # VGGish's front end (vggish_params.py and mel_features.py of tensorflow/models, kept by torchvggish):
@@ -301,13 +327,6 @@ def log_mel_spectrogram(wave) -> torch.Tensor:
     window = 0.5 - 0.5 * torch.cos(2 * math.pi * torch.arange(STFT_WINDOW, dtype=torch.float64) / STFT_WINDOW)
     magnitude = torch.fft.rfft(frames * window, n=N_FFT).abs()  # (..., F, 257)
     return torch.log(magnitude @ mel_filterbank() + LOG_OFFSET)  # (..., F, 64)
-
-
-def log_mel_examples(wave) -> torch.Tensor:
-    """(S,) waveform -> (E, 1, 96, 64) float32: consecutive 0.96 s examples (the reference's framing)."""
-    log_mel = log_mel_spectrogram(wave)
-    e = log_mel.shape[0] // EXAMPLE_FRAMES
-    return log_mel[:e * EXAMPLE_FRAMES].reshape(e, 1, EXAMPLE_FRAMES, N_MELS).float()
 
 
 def segment_log_mel(wave, times) -> np.ndarray:
@@ -405,7 +424,7 @@ class VisionTransformer(nn.Module):
         return self.ln_post(x[:, 0, :]) @ self.proj  # (B, output_dim)
 
 
-# 3b. CLIP's ModifiedResNet
+# 3b. ResNet stages and bottlenecks (torchvision's and CLIP's); CLIP's ModifiedResNet
 
 
 def add_stages(module, block, inplanes, base_planes, layers, expansion):
@@ -422,26 +441,26 @@ def add_stages(module, block, inplanes, base_planes, layers, expansion):
     return inplanes
 
 
-class CLIPBottleneck(nn.Module):
-    """ResNet bottleneck with anti-aliased striding: an avgpool after conv2 (and before the downsample conv)."""
-    expansion = 4
+class Bottleneck(nn.Module):
+    """ResNet bottleneck 1x1 -> 3x3 -> 1x1 (4x planes) plus a shortcut. torchvision's (v1.5) strides on the 3x3 conv;
+    CLIP's anti-aliased one average-pools after it instead, and before the shortcut's conv."""
 
-    def __init__(self, inplanes, planes, stride=1):
+    def __init__(self, inplanes, planes, stride=1, anti_alias=False):
         super().__init__()
+        conv_stride = 1 if anti_alias else stride
         self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=conv_stride, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.avgpool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
+        self.avgpool = nn.AvgPool2d(stride) if anti_alias and stride > 1 else nn.Identity()
         self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * 4)
         self.downsample = None
-        if stride > 1 or inplanes != planes * 4:
-            self.downsample = nn.Sequential(OrderedDict([
-                ("-1", nn.AvgPool2d(stride)),
-                ("0", nn.Conv2d(inplanes, planes * 4, 1, stride=1, bias=False)),
-                ("1", nn.BatchNorm2d(planes * 4)),
-            ]))
+        if stride != 1 or inplanes != planes * 4:
+            pool = [("-1", nn.AvgPool2d(stride))] if anti_alias else []
+            self.downsample = nn.Sequential(OrderedDict(pool + [
+                ("0", nn.Conv2d(inplanes, planes * 4, 1, stride=conv_stride, bias=False)),
+                ("1", nn.BatchNorm2d(planes * 4))]))
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -464,17 +483,14 @@ class AttentionPool2d(nn.Module):
         self.num_heads = num_heads
 
     def forward(self, x):  # (B, C, H, W)
-        x = x.flatten(2).permute(2, 0, 1)  # (HW, B, C)
-        x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0)  # (HW + 1, B, C)
-        x = x + self.positional_embedding[:, None, :].to(x.dtype)
-        x, _ = F.multi_head_attention_forward(
-            query=x[:1], key=x, value=x, embed_dim_to_check=x.shape[-1], num_heads=self.num_heads,
-            q_proj_weight=self.q_proj.weight, k_proj_weight=self.k_proj.weight, v_proj_weight=self.v_proj.weight,
-            in_proj_weight=None, in_proj_bias=torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]),
-            bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0,
-            out_proj_weight=self.c_proj.weight, out_proj_bias=self.c_proj.bias,
-            use_separate_proj_weight=True, training=False, need_weights=False)
-        return x[0]  # (B, output_dim): only the pooled token's output is used
+        x = x.flatten(2).transpose(1, 2)  # (B, HW, C)
+        x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1) + self.positional_embedding.to(x.dtype)  # (B, HW + 1, C)
+
+        def heads(t):  # (B, L, C) -> (B, heads, L, C / heads)
+            return t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+
+        q, k, v = heads(self.q_proj(x[:, :1])), heads(self.k_proj(x)), heads(self.v_proj(x))  # the mean token asks
+        return self.c_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))[:, 0]  # (B, output_dim)
 
 
 class ModifiedResNet(nn.Module):
@@ -490,7 +506,7 @@ class ModifiedResNet(nn.Module):
         self.conv3 = nn.Conv2d(width // 2, width, kernel_size=3, padding=1, bias=False)
         self.bn3 = nn.BatchNorm2d(width)
         self.avgpool = nn.AvgPool2d(2)
-        add_stages(self, CLIPBottleneck, width, width, layers, expansion=4)
+        add_stages(self, partial(Bottleneck, anti_alias=True), width, width, layers, expansion=4)
         self.attnpool = AttentionPool2d(input_resolution // 32, width * 32, heads, output_dim)
 
     def forward(self, x):  # (B, 3, H, W)
@@ -502,19 +518,19 @@ class ModifiedResNet(nn.Module):
         return self.attnpool(x)  # (B, output_dim)
 
 
-def _sub_state_dict(state_dict: dict, prefix: str) -> dict:
+def sub_state_dict(state_dict: dict, prefix: str) -> dict:
     """The entries under `prefix`, with the prefix removed."""
     return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
-def _num_blocks(state_dict: dict, prefix: str) -> int:
+def num_blocks(state_dict: dict, prefix: str) -> int:
     """How many numbered children `prefix.<i>.` the state_dict has."""
     return len({k[len(prefix):].split(".")[1] for k in state_dict if k.startswith(prefix + ".")})
 
 
 def clip_visual_config(state_dict: dict) -> dict:
     """CLIP visual hyper-parameters read off a CLIP state_dict's tensor shapes (as openai/CLIP's build_model)."""
-    sd = _sub_state_dict(state_dict, "visual.")
+    sd = sub_state_dict(state_dict, "visual.")
     if not sd:
         raise ValueError("not a CLIP checkpoint: no 'visual.*' tensors")
     if "proj" in sd:  # ViT: patch embedding conv, [CLS] + grid**2 positions, 64-d heads
@@ -525,7 +541,7 @@ def clip_visual_config(state_dict: dict) -> dict:
                     output_dim=sd["proj"].shape[1])
     width = sd["layer1.0.conv1.weight"].shape[0]  # ModifiedResNet: the attention pool sees a 1/32 grid
     grid = round((sd["attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
-    return dict(arch="resnet", layers=[_num_blocks(sd, f"layer{b}") for b in (1, 2, 3, 4)],
+    return dict(arch="resnet", layers=[num_blocks(sd, f"layer{b}") for b in (1, 2, 3, 4)],
                 output_dim=sd["attnpool.c_proj.weight"].shape[0], heads=width * 32 // 64,
                 input_resolution=grid * 32, width=width)
 
@@ -534,36 +550,12 @@ def build_clip_visual(state_dict: dict) -> nn.Module:
     """CLIP's image encoder (encode_image) from a CLIP state_dict, in fp32."""
     cfg = clip_visual_config(state_dict)
     model = (VisionTransformer if cfg.pop("arch") == "vit" else ModifiedResNet)(**cfg)
-    sd = _sub_state_dict(state_dict, "visual.")
+    sd = sub_state_dict(state_dict, "visual.")
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
     return model.eval()
 
 
 # 3c. torchvision's ImageNet ResNet (the INP baseline), key layout of torchvision.models.resnet
-
-
-class Bottleneck(nn.Module):
-    """torchvision's ResNet v1.5 bottleneck: the stride sits on the 3x3 conv."""
-
-    def __init__(self, inplanes, planes, stride=1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * 4)
-        self.downsample = None
-        if stride != 1 or inplanes != planes * 4:
-            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes * 4, 1, stride=stride, bias=False),
-                                            nn.BatchNorm2d(planes * 4))
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        identity = x if self.downsample is None else self.downsample(x)
-        return F.relu(out + identity)
 
 
 class ResNet(nn.Module):
@@ -586,7 +578,7 @@ def build_imagenet_resnet(state_dict: dict) -> nn.Module:
     """torchvision resnet50/101/152 from its state_dict (fc.* ignored), depth read off the keys."""
     if "layer1.0.conv3.weight" not in state_dict:
         raise ValueError("not a torchvision bottleneck-ResNet state_dict (no 'layer1.0.conv3.weight')")
-    layers = [_num_blocks(state_dict, f"layer{b}") for b in (1, 2, 3, 4)]
+    layers = [num_blocks(state_dict, f"layer{b}") for b in (1, 2, 3, 4)]
     model = ResNet(layers, width=state_dict["conv1.weight"].shape[0])
     model.load_state_dict({k: v.float() if v.is_floating_point() else v
                            for k, v in state_dict.items() if not k.startswith("fc.")})
@@ -607,18 +599,14 @@ WORD_PATTERN = regex.compile(
 
 def find_bpe_vocab() -> Path:
     """CLIP's merges file inside an installed package (MIT licence); it is not copied into this repository."""
-    roots = []
     for package in BPE_PACKAGES:
         spec = importlib.util.find_spec(package)  # locates the package without importing it
-        if spec is not None and spec.submodule_search_locations:
-            roots += [Path(p) for p in spec.submodule_search_locations]
-    roots += [Path(p) / package for p in sys.path if p for package in BPE_PACKAGES]
-    for root in roots:
-        if (root / BPE_VOCAB_NAME).is_file():
-            return root / BPE_VOCAB_NAME
+        for root in (spec.submodule_search_locations or []) if spec else []:
+            if (Path(root) / BPE_VOCAB_NAME).is_file():
+                return Path(root) / BPE_VOCAB_NAME
     raise FileNotFoundError(
         f"CLIP's BPE vocabulary {BPE_VOCAB_NAME} was not found in an installed `clip` or `open_clip` package; "
-        "install it with `pip install openai-clip --no-deps` (only that file is used)")
+        "install it with `pip install -r requirements.txt` (openai-clip; only that file is used)")
 
 
 @lru_cache()
@@ -649,11 +637,9 @@ class BPETokenizer:
         if len(merges) != N_MERGES or any(len(m) != 2 for m in merges):
             raise ValueError(f"{vocab_path}: expected {N_MERGES} merges of two symbols each")
         self.byte_encoder = bytes_to_unicode()
-        self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
         symbols = list(self.byte_encoder.values())
         vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [SOT, EOT]
         self.encoder = {token: i for i, token in enumerate(vocab)}  # 49,408 ids
-        self.decoder = {i: token for token, i in self.encoder.items()}
         self.merge_rank = {pair: rank for rank, pair in enumerate(merges)}  # lower rank = merged earlier
         self.sot_id, self.eot_id = self.encoder[SOT], self.encoder[EOT]
         self.cache = {SOT: [SOT], EOT: [EOT]}
@@ -687,11 +673,6 @@ class BPETokenizer:
             word = "".join(self.byte_encoder[b] for b in word.encode("utf-8"))
             ids += [self.encoder[symbol] for symbol in self.bpe(word)]
         return ids
-
-    def decode(self, ids) -> str:
-        """Text of token ids (words separated by single spaces)."""
-        data = bytearray(self.byte_decoder[c] for c in "".join(self.decoder[i] for i in ids))
-        return data.decode("utf-8", errors="replace").replace("</w>", " ")
 
 
 @lru_cache()
@@ -753,7 +734,7 @@ def clip_text_config(state_dict: dict) -> dict:
     return dict(output_dim=state_dict["text_projection"].shape[1],
                 context_length=state_dict["positional_embedding"].shape[0],
                 vocab_size=state_dict["token_embedding.weight"].shape[0], width=width,
-                layers=_num_blocks(state_dict, "transformer.resblocks"), heads=width // 64)
+                layers=num_blocks(state_dict, "transformer.resblocks"), heads=width // 64)
 
 
 def build_clip_text(state_dict: dict) -> nn.Module:
@@ -775,6 +756,7 @@ class ResNeXtBlock(Bottleneck):
 
     def __init__(self, inplanes, planes, cardinality, stride=1):
         nn.Module.__init__(self)
+        self.avgpool = nn.Identity()
         mid, out = cardinality * (planes // 32), planes * self.expansion  # cardinality 32: mid = planes
         self.conv1 = nn.Conv3d(inplanes, mid, kernel_size=1, bias=False)
         self.bn1 = nn.BatchNorm3d(mid)
@@ -815,7 +797,7 @@ def build_resnext3d(state_dict: dict) -> nn.Module:
     if "layer1.0.conv2.weight" not in sd or sd["layer1.0.conv2.weight"].dim() != 5 or "fc.weight" not in sd:
         raise ValueError("not a 3D-ResNets-PyTorch ResNeXt checkpoint (no 5-d 'layer1.0.conv2.weight' or no 'fc')")
     conv2 = sd["layer1.0.conv2.weight"]  # (mid, mid / cardinality, 3, 3, 3)
-    layers = [_num_blocks(sd, f"layer{b}") for b in (1, 2, 3, 4)]
+    layers = [num_blocks(sd, f"layer{b}") for b in (1, 2, 3, 4)]
     model = ResNeXt3D(layers, cardinality=conv2.shape[0] // conv2.shape[1], num_classes=sd["fc.weight"].shape[0])
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
     return model.eval()
@@ -902,7 +884,7 @@ def load_vggish_pca(path) -> VGGishPCA:
 class Backbone:
     """What extract() needs to know about a backbone; adding one = adding an entry to BACKBONES."""
     name: str
-    kind: str              # one sample per segment centre: "frames" (an image), "clips", "audio" (see DECODERS)
+    kind: str              # one sample per segment centre: "frames" (an image), "clips" or "audio" (decode_video)
     build: Callable        # state_dict -> nn.Module with .output_dim: to_input(batch) -> (B, output_dim)
     preprocess: Callable   # in the decode workers: PIL image -> uint8 (H, W, 3)
     to_input: Callable     # on the device: the decoded batch -> the model's float input
@@ -915,28 +897,32 @@ class Backbone:
     file: str = ""         # the cache file name when the URL is not a direct download
 
 
-def _clip(name, dim, sha, file, size=224):
+def clip_backbone(name, dim, sha, file, size=224):
     """A CLIP visual encoder entry; OpenAI's URLs carry the file's SHA-256."""
     return Backbone(
-        name=name, kind="frames", build=build_clip_visual, preprocess=partial(clip_preprocess, size=size),
-        to_input=lambda x: normalize(x, CLIP_MEAN, CLIP_STD), dim=dim,
+        name=name, kind="frames", build=build_clip_visual,
+        preprocess=partial(preprocess, resize=size, size=size, resample=Image.BICUBIC),
+        to_input=partial(normalize, mean=CLIP_MEAN, std=CLIP_STD), dim=dim,
         url=f"https://openaipublic.azureedge.net/clip/models/{sha}/{file}", sha256=sha, input_size=size,
         preprocessing=f"CLIP: shorter side {size} (PIL bicubic), centre crop {size}, RGB, /255, "
                       f"mean {CLIP_MEAN}, std {CLIP_STD}")
 
 
 BACKBONES = {  # OpenAI's file SHA-256s as in openai/CLIP's clip.py _MODELS
-    "ViT-B/32": _clip("ViT-B/32", 512, "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af",
-                      "ViT-B-32.pt"),
-    "ViT-B/16": _clip("ViT-B/16", 512, "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f",
-                      "ViT-B-16.pt"),
-    "RN50": _clip("RN50", 1024, "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762", "RN50.pt"),
-    "RN101": _clip("RN101", 512, "8fa8567bab74a42d41c5915025a8e4538c3bdbe8804a470a72f30b0d94fab599", "RN101.pt"),
-    "RN50x4": _clip("RN50x4", 640, "7e526bd135e493cef0776de27d5f42653e6b4c8bf9e0f653bb11773263205fdd",
-                    "RN50x4.pt", size=288),
+    "ViT-B/32": clip_backbone("ViT-B/32", 512, "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af",
+                              "ViT-B-32.pt"),
+    "ViT-B/16": clip_backbone("ViT-B/16", 512, "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f",
+                              "ViT-B-16.pt"),
+    "RN50": clip_backbone("RN50", 1024, "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762",
+                          "RN50.pt"),
+    "RN101": clip_backbone("RN101", 512, "8fa8567bab74a42d41c5915025a8e4538c3bdbe8804a470a72f30b0d94fab599",
+                           "RN101.pt"),
+    "RN50x4": clip_backbone("RN50x4", 640, "7e526bd135e493cef0776de27d5f42653e6b4c8bf9e0f653bb11773263205fdd",
+                            "RN50x4.pt", size=288),
     "resnet101": Backbone(  # INP: torchvision IMAGENET1K_V1, the classic ImageNet weights
-        name="resnet101", kind="frames", build=build_imagenet_resnet, preprocess=imagenet_preprocess,
-        to_input=lambda x: normalize(x, IMAGENET_MEAN, IMAGENET_STD), dim=2048,
+        name="resnet101", kind="frames", build=build_imagenet_resnet,
+        preprocess=partial(preprocess, resize=256, size=224, resample=Image.BILINEAR),
+        to_input=partial(normalize, mean=IMAGENET_MEAN, std=IMAGENET_STD), dim=2048,
         url="https://download.pytorch.org/models/resnet101-63fe2227.pth", sha256="63fe2227",
         preprocessing=f"ImageNet: shorter side 256 (PIL bilinear), centre crop 224, RGB, /255, "
                       f"mean {IMAGENET_MEAN}, std {IMAGENET_STD}"),
@@ -944,35 +930,31 @@ BACKBONES = {  # OpenAI's file SHA-256s as in openai/CLIP's clip.py _MODELS
     # It sits in a Google Drive folder: no direct-download URL and no published SHA-256, so it is
     # downloaded by hand and passed with --weights (or put in the cache folder under `file`).
     "resnext101-kinetics": Backbone(
-        name="resnext101-kinetics", kind="clips", build=build_resnext3d, preprocess=kinetics_preprocess,
-        to_input=kinetics_input, dim=2048, sha256="", input_size=KINETICS_SIZE, clip_len=KINETICS_CLIP_LEN,
-        url="https://drive.google.com/drive/folders/14KRBqT8ySfPtFSuLsFS2U4I-ihTDs0Y9", file="resnext-101-kinetics.pth",
+        name="resnext101-kinetics", kind="clips", build=build_resnext3d,
+        preprocess=partial(preprocess, resize=KINETICS_SIZE, size=KINETICS_SIZE, resample=Image.BILINEAR),
+        to_input=partial(normalize, mean=KINETICS_MEAN, scale=1.0), dim=2048, sha256="", input_size=KINETICS_SIZE,
+        clip_len=KINETICS_CLIP_LEN, file="resnext-101-kinetics.pth",
+        url="https://drive.google.com/drive/folders/14KRBqT8ySfPtFSuLsFS2U4I-ihTDs0Y9",
         preprocessing=f"3D-ResNets: {KINETICS_CLIP_LEN} consecutive frames centred on each segment centre (shifted "
                       f"inside the video, looped if it is shorter), shorter side 112 (PIL bilinear), centre crop "
                       f"112, RGB in [0, 255] minus mean {KINETICS_MEAN}, std 1"),
 }
 
-_VGGISH_TEXT = ("VGGish (torchvggish): soundtrack -> mono (channel mean), 16 kHz (libswresample), 25 ms periodic-Hann "
-                "windows every 10 ms, |FFT 512|, 64 HTK mel bands 125-7500 Hz, log(mel + 0.01); the 0.96 s example "
-                "(96 x 64) centred on each segment-centre frame's time; no soundtrack -> zeros, listed in 'silent'")
-_TORCHVGGISH = "https://github.com/harritaylor/torchvggish/releases/download/v0.1/"  # file names carry SHA-256 prefixes
+VGGISH_TEXT = ("VGGish (torchvggish): soundtrack -> 16-bit PCM / 32768, channel mean, 16 kHz (resampy), 25 ms "
+               "periodic-Hann windows every 10 ms, |FFT 512|, 64 HTK mel bands 125-7500 Hz, log(mel + 0.01); the "
+               "0.96 s example (96 x 64) centred on each segment-centre frame's time; no soundtrack -> zeros, "
+               "listed in 'silent'")
+TORCHVGGISH_URL = "https://github.com/harritaylor/torchvggish/releases/download/v0.1/"  # names carry SHA-256 prefixes
 VGGISH_PCA = Backbone(  # vggish-pca's second file, fetched and verified like a backbone's weights
     name="vggish PCA parameters", kind="", build=None, preprocess=None, to_input=None, dim=128,
-    url=_TORCHVGGISH + "vggish_pca_params-970ea276.pth", sha256="970ea276")
+    url=TORCHVGGISH_URL + "vggish_pca_params-970ea276.pth", sha256="970ea276")
 BACKBONES["vggish"] = Backbone(  # the paper's audio features: raw embeddings
     name="vggish", kind="audio", build=build_vggish, preprocess=None, to_input=lambda x: x, dim=128,
-    url=_TORCHVGGISH + "vggish-10086976.pth", sha256="10086976", preprocessing=_VGGISH_TEXT + "; raw embeddings")
+    url=TORCHVGGISH_URL + "vggish-10086976.pth", sha256="10086976", preprocessing=VGGISH_TEXT + "; raw embeddings")
 BACKBONES["vggish-pca"] = Backbone(  # AudioSet's released embedding format (optional)
     name="vggish-pca", kind="audio", build=lambda sd: build_vggish(sd, load_vggish_pca(fetch_weights(VGGISH_PCA))),
-    preprocess=None, to_input=lambda x: x, dim=128, url=_TORCHVGGISH + "vggish-10086976.pth", sha256="10086976",
-    preprocessing=_VGGISH_TEXT + "; then the release's PCA + whitening and 8-bit quantisation")
-
-# kind -> decode(path, n, spec, threads) -> an array whose first axis is the N samples (or Silent(N))
-DECODERS = {
-    "frames": lambda path, n, spec, threads: decode_frames(path, n, spec.preprocess, threads),
-    "clips": lambda path, n, spec, threads: decode_frames(path, n, spec.preprocess, threads, spec.clip_len),
-    "audio": lambda path, n, spec, threads: decode_log_mel(path, n, threads),
-}
+    preprocess=None, to_input=lambda x: x, dim=128, url=TORCHVGGISH_URL + "vggish-10086976.pth", sha256="10086976",
+    preprocessing=VGGISH_TEXT + "; then the release's PCA + whitening and 8-bit quantisation")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1004,22 +986,22 @@ def fetch_weights(spec: Backbone) -> Path:
     if target.is_file() and sha256_file(target).startswith(spec.sha256):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + f".part{os.getpid()}")
-    try:
+
+    def download(tmp):
         print(f"downloading {spec.url} -> {target}", file=sys.stderr)
-        with urllib.request.urlopen(spec.url, timeout=60) as src, open(tmp, "wb") as dst:
-            for chunk in iter(lambda: src.read(1 << 20), b""):
-                dst.write(chunk)
-    except (urllib.error.URLError, OSError) as e:
-        tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"cannot download the {spec.name} weights from {spec.url} ({e}). Download that "
-                           f"file on a machine with internet access and pass it with --weights PATH "
-                           f"(or put it in {cache_dir()}, set by $DAP_CACHE).") from None
-    digest = sha256_file(tmp)
-    if not digest.startswith(spec.sha256):
-        tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"{spec.url}: SHA-256 {digest} does not match the expected {spec.sha256}; file discarded")
-    os.replace(tmp, target)
+        try:
+            with urllib.request.urlopen(spec.url, timeout=60) as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        except OSError as e:  # urllib.error.URLError included
+            raise RuntimeError(f"cannot download the {spec.name} weights from {spec.url} ({e}). Download that "
+                               f"file on a machine with internet access and pass it with --weights PATH "
+                               f"(or put it in {cache_dir()}, set by $DAP_CACHE).") from None
+        digest = sha256_file(tmp)
+        if not digest.startswith(spec.sha256):
+            raise RuntimeError(f"{spec.url}: SHA-256 {digest} does not match the expected {spec.sha256}; "
+                               f"file discarded")
+
+    atomic_write(target, download)  # a failed or tampered download leaves nothing in the cache
     return target
 
 
@@ -1064,9 +1046,7 @@ def load_backbone(name: str, weights=None, device="cpu"):
         raise ValueError(f"unknown backbone {name!r}; choose from {', '.join(BACKBONES)}")
     spec = BACKBONES[name]
     path = weights_path(spec, weights)
-    model = spec.build(load_state_dict(path)).to(device).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model = spec.build(load_state_dict(path)).to(device).eval().requires_grad_(False)
     if getattr(model, "input_resolution", spec.input_size) != spec.input_size:
         raise ValueError(f"{path}: the model takes {model.input_resolution}-px images, but {name} is "
                          f"preprocessed to {spec.input_size} px; pick the --backbone these weights belong to")
@@ -1082,9 +1062,7 @@ def load_clip_text(name: str, weights=None, device="cpu"):
         clip_names = [k for k, b in BACKBONES.items() if b.build is build_clip_visual]
         raise ValueError(f"{name!r} is not a CLIP backbone (no text tower); choose from {', '.join(clip_names)}")
     path = weights_path(BACKBONES[name], weights)
-    model = build_clip_text(load_state_dict(path)).to(device).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model = build_clip_text(load_state_dict(path)).to(device).eval().requires_grad_(False)
     return model, sha256_file(path)
 
 
@@ -1122,12 +1100,15 @@ def find_videos(inputs, list_file=None) -> list:
 
 
 def decode_video(path, n: int, spec: Backbone, threads: int = 0):
-    """The N samples of one video for backbone `spec` (see DECODERS), or Silent(N); raises on a bad file."""
+    """The N samples of one video for backbone `spec`, or Silent(N); raises on a bad file. Samples are
+    frames (N, H, W, 3) or clips (N, clip_len, H, W, 3), uint8, or log-mel examples (N, 1, 96, 64) float32."""
     if not Path(path).is_file():
         raise VideoError("no such file")
     if Path(path).stat().st_size == 0:
         raise VideoError("empty file (0 bytes)")
-    return DECODERS[spec.kind](path, n, spec, threads)
+    if spec.kind == "audio":
+        return decode_log_mel(path, n, threads)
+    return decode_frames(path, n, spec.preprocess, threads, spec.clip_len)
 
 
 def failure_reason(e: Exception) -> str:
@@ -1137,7 +1118,18 @@ def failure_reason(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e).strip()}"
 
 
-def _decode_job(path, n, backbone, threads):
+def exit_with_parent(parent_pid: int):
+    """Decode-worker initializer: a daemon thread ends this process once its parent is gone (e.g. killed with
+    kill -9), instead of leaving it waiting for work forever, re-parented to PID 1."""
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(0.2)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def decode_job(path, n, backbone, threads):
     """Worker: (video_id, frames or None, error or None); never raises, so one bad video fails alone."""
     try:
         return Path(path).stem, decode_video(path, n, BACKBONES[backbone], threads), None
@@ -1145,59 +1137,75 @@ def _decode_job(path, n, backbone, threads):
         return Path(path).stem, None, failure_reason(e)
 
 
-def _atomic_write(path: Path, write: Callable):
-    """Call write(file) on a temporary file in the same folder, then rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def atomic_write(path, write: Callable):
+    """Write `path` through write(tmp_path) into a temporary file beside it, then rename: readers never see half a
+    file. The file gets a plain open()'s permissions (0666 minus the umask); a failed write leaves no temporary
+    file behind, and an OSError names `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
+        write(tmp)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):  # e.g. a full disk: say which file could not be written
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
         raise
+
+
+def write_text(path, text: str):
+    """A text file, written atomically."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def save_features(path: Path, feats: np.ndarray):
     """DIR/<video_id>.npy, float32 (N, D), written atomically."""
-    _atomic_write(path, lambda f: np.save(f, feats.astype(np.float32)))
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.save(f, feats.astype(np.float32))
+
+    atomic_write(path, write)
 
 
-def _write_meta(out: Path, meta: dict):
-    """Write meta.json, or check that an existing one (a run being resumed) agrees with this run."""
+def read_meta(out: Path) -> dict:
+    """DIR/meta.json as a dict, or an error naming that file."""
     path = out / "meta.json"
-    if path.is_file():
-        old = json.loads(path.read_text())
-        keys = ("backbone", "weights_sha256", "frames", "dtype")
-        diff = {k: (old.get(k), meta[k]) for k in keys if old.get(k) != meta[k]}
-        if diff:
-            raise ValueError(f"{path} was written by a different run ({diff}, old vs new); "
-                             f"use another --out or delete that folder")
+    try:
+        return dict(json.loads(path.read_text()))
+    except (ValueError, TypeError) as e:  # not JSON, or not a JSON object
+        raise ValueError(f"{path} is not the meta.json extract.py writes ({e}): delete it, or use another --out"
+                         ) from None
+
+
+def write_meta(out: Path, meta: dict):
+    """Write meta.json, or check that an existing one (a run being resumed) agrees with this run."""
+    if not (out / "meta.json").is_file():
+        write_text(out / "meta.json", json.dumps(meta, indent=1) + "\n")
         return
-    text = (json.dumps(meta, indent=1) + "\n").encode()
-    _atomic_write(path, lambda f: f.write(text))
+    old = read_meta(out)
+    keys = ("backbone", "weights_sha256", "frames", "dtype", "frame_sampling", "preprocessing")
+    diff = {k: (old.get(k), meta[k]) for k in keys if old.get(k) != meta[k]}
+    if diff:
+        raise ValueError(f"{out / 'meta.json'} was written by a different run ({diff}, old vs new); "
+                         f"use another --out or delete that folder")
 
 
-def _record_failure(out: Path, video_id: str, path, reason: str):
+def append_line(path: Path, line: str):
+    """Append one line with a single write: safe when several shards share the folder."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        os.write(fd, f"{line}\n".encode())
+    finally:
+        os.close(fd)
+
+
+def record_failure(out: Path, video_id: str, path, reason: str):
     """One line on stderr and one appended to DIR/failed.txt: video_id<TAB>path<TAB>reason."""
     print(f"FAILED {video_id} ({path}): {reason}", file=sys.stderr)
-    line = f"{video_id}\t{path}\t{' '.join(reason.split())}\n".encode()
-    fd = os.open(out / "failed.txt", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line)  # one append per line: safe when several shards share DIR
-    finally:
-        os.close(fd)
+    append_line(out / "failed.txt", f"{video_id}\t{path}\t{' '.join(reason.split())}")
 
 
-def _record_silent(out: Path, video_id: str):
-    """Append video_id to DIR/silent.txt: a video without a soundtrack (zero features, not a failure)."""
-    fd = os.open(out / "silent.txt", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, f"{video_id}\n".encode())  # one append per line: safe when several shards share DIR
-    finally:
-        os.close(fd)
-
-
-def _list_silent(out: Path):
+def list_silent(out: Path):
     """meta.json's "silent": the sorted video_ids of silent.txt that have features; shards update it in turn."""
     if not (out / "silent.txt").is_file() or not (out / "meta.json").is_file():
         return
@@ -1208,14 +1216,14 @@ def _list_silent(out: Path):
     with open(out / ".meta.lock", "w") as lock:
         if fcntl is not None:
             fcntl.flock(lock, fcntl.LOCK_EX)
-        silent = sorted({v for v in (out / "silent.txt").read_text().split() if (out / f"{v}.npy").exists()})
-        meta = json.loads((out / "meta.json").read_text())
+        lines = (out / "silent.txt").read_text().splitlines()  # one video_id a line: names may hold spaces
+        silent = sorted({v for v in lines if v and (out / f"{v}.npy").exists()})
+        meta = read_meta(out)
         if meta.get("silent") != silent:
-            text = (json.dumps({**meta, "silent": silent}, indent=1) + "\n").encode()
-            _atomic_write(out / "meta.json", lambda f: f.write(text))
+            write_text(out / "meta.json", json.dumps({**meta, "silent": silent}, indent=1) + "\n")
 
 
-def _compact_failures(out: Path):
+def compact_failures(out: Path):
     """Drop failed.txt lines of videos that now have features (fixed on a later run), and duplicates."""
     path = out / "failed.txt"
     if not path.is_file():
@@ -1226,8 +1234,7 @@ def _compact_failures(out: Path):
         if line and not (out / f"{vid}.npy").exists():
             lines[vid] = line  # the latest reason wins
     if lines:
-        text = ("\n".join(lines.values()) + "\n").encode()
-        _atomic_write(path, lambda f: f.write(text))
+        write_text(path, "\n".join(lines.values()) + "\n")
     else:
         path.unlink()
 
@@ -1247,7 +1254,7 @@ AMP_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @torch.inference_mode()
-def encode_samples(model: nn.Module, spec: Backbone, samples: np.ndarray, device, batch_size: int = 256,
+def encode_samples(model: nn.Module, spec: Backbone, samples: np.ndarray, device, batch_size: int = BATCH_SIZE,
                    dtype: str = "fp32") -> np.ndarray:
     """(B, ...) decoded samples -> (B, D) float32 features, in chunks of batch_size on the device."""
     device, amp = torch.device(device), AMP_DTYPES[dtype]
@@ -1262,32 +1269,13 @@ def encode_samples(model: nn.Module, spec: Backbone, samples: np.ndarray, device
     return torch.cat(outs).cpu().numpy()
 
 
-class _Progress:
-    """A tqdm bar over videos with frames/s; silent when disabled."""
-
-    def __init__(self, total, enabled):
-        self.bar, self.frames, self.t0 = None, 0, time.time()
-        if enabled:
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, unit="video", file=sys.stderr, dynamic_ncols=True)
-
-    def update(self, videos, frames):
-        self.frames += frames
-        if self.bar is not None:
-            self.bar.update(videos)
-            self.bar.set_postfix(frames_per_s=f"{self.frames / max(time.time() - self.t0, 1e-9):.0f}")
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
-def extract(videos, out, backbone="ViT-B/32", weights=None, frames=28, device=None, batch_size=256,
+def extract(videos, out, backbone="ViT-B/32", weights=None, frames=FRAMES, device=None, batch_size=BATCH_SIZE,
             workers=None, dtype="fp32", shard=(0, 1), progress=True) -> dict:
     """Features for every video (missing ones only) -> out/<video_id>.npy; returns a summary dict.
 
-    videos: list of paths (see find_videos). Decoding runs in `workers` processes (0: in this one);
-    frames of several videos are batched together for the backbone on `device` (default: cuda if present).
+    videos: list of paths (see find_videos). Decoding runs in `workers` processes (0: in this one), which end
+    when this process does; frames of several videos are batched together for the backbone on `device`
+    (default: cuda if present). An output that cannot be written raises OSError naming the file.
     """
     if dtype not in AMP_DTYPES:
         raise ValueError(f"--dtype {dtype!r}: choose from {', '.join(AMP_DTYPES)}")
@@ -1297,7 +1285,6 @@ def extract(videos, out, backbone="ViT-B/32", weights=None, frames=28, device=No
     if workers is None:
         workers = min(os.cpu_count() or 1, 16)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     i, n = shard
     videos = [Path(v) for v in videos][i::n]
     todo = [v for v in videos if not (out / f"{v.stem}.npy").exists()]
@@ -1307,17 +1294,25 @@ def extract(videos, out, backbone="ViT-B/32", weights=None, frames=28, device=No
         torch.backends.cudnn.allow_tf32 = dtype != "fp32"  # fp32 means fp32: no TF32 convs either
         torch.backends.cuda.matmul.allow_tf32 = dtype != "fp32"
     model, spec, weights_sha = load_backbone(backbone, weights, device)
-    _write_meta(out, {
+    out.mkdir(parents=True, exist_ok=True)  # only now: a run that cannot start leaves no empty folder
+    write_meta(out, {
         "backbone": backbone, "kind": spec.kind, "feature_dim": model.output_dim, "frames": frames, "dtype": dtype,
         "weights": Path(weights).name if weights else spec.url, "weights_sha256": weights_sha,
-        "frame_sampling": "F decodable frames, indices floor((i + 0.5) * F / N), i = 0..N-1",
+        "frame_sampling": "F decodable frames, bounds b_i = int(i * F / N), b_N = F; frame i = (b_i + b_i+1) // 2 "
+                          "(the authors' get_uniform_ids_from_k_snippets)",
         "preprocessing": spec.preprocessing, "format": "<video_id>.npy: float32 (N, feature_dim)",
     })
     encode = partial(encode_samples, model, spec, device=device, batch_size=batch_size, dtype=dtype)
 
     summary = {"done": 0, "skipped": len(videos) - len(todo), "failed": [], "frames": 0, "silent": []}
-    bar = _Progress(len(todo), progress)
+    bar = tqdm(total=len(todo), unit="video", file=sys.stderr, dynamic_ncols=True, disable=not progress)
+    t0 = time.time()
     pending = []  # (video_id, (N, ...) array) waiting for a full batch
+
+    def done(videos, frames):
+        summary["frames"] += frames
+        bar.update(videos)
+        bar.set_postfix(frames_per_s=f"{summary['frames'] / max(time.time() - t0, 1e-9):.0f}")
 
     def flush():
         """Encode all pending videos as one batch stream and write their features."""
@@ -1326,44 +1321,42 @@ def extract(videos, out, backbone="ViT-B/32", weights=None, frames=28, device=No
         feats = encode(np.concatenate([f for _, f in pending]))  # (sum N, D)
         for (vid, f), y in zip(pending, np.split(feats, np.cumsum([len(f) for _, f in pending])[:-1])):
             save_features(out / f"{vid}.npy", y)
-        bar.update(len(pending), len(feats))
-        summary["done"] += len(pending)
-        summary["frames"] += len(feats)
+            summary["done"] += 1
+        done(len(pending), len(feats))
         pending.clear()
 
     def consume(result, path):
         vid, arr, error = result
         if error is not None:
             summary["failed"].append((vid, str(path), error))
-            _record_failure(out, vid, path, error)
-            bar.update(1, 0)
-            return
-        if isinstance(arr, Silent):  # no soundtrack: zeros (Sec. 4 of the paper), no backbone
+            record_failure(out, vid, path, error)
+            done(1, 0)
+        elif isinstance(arr, Silent):  # no soundtrack: zeros (Sec. 4 of the paper), no backbone
             save_features(out / f"{vid}.npy", np.zeros((len(arr), model.output_dim), np.float32))
-            _record_silent(out, vid)
+            append_line(out / "silent.txt", vid)
             summary["silent"].append(vid)
             summary["done"] += 1
-            bar.update(1, 0)
-            return
-        pending.append((vid, arr))
-        if sum(len(a) for _, a in pending) >= batch_size:
-            flush()
+            done(1, 0)
+        else:
+            pending.append((vid, arr))
+            if sum(len(a) for _, a in pending) >= batch_size:
+                flush()
 
     threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
     try:
         if workers == 0:
             for path in todo:
-                consume(_decode_job(str(path), frames, backbone, threads), path)
+                consume(decode_job(str(path), frames, backbone, threads), path)
         else:
             ctx = multiprocessing.get_context("spawn")  # safe next to CUDA and torch's threads
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            with ProcessPoolExecutor(workers, ctx, initializer=exit_with_parent, initargs=(os.getpid(),)) as pool:
                 queue, in_flight = iter(todo), {}
                 while True:
                     while len(in_flight) < 2 * workers:  # bounded read-ahead: memory stays bounded
                         path = next(queue, None)
                         if path is None:
                             break
-                        in_flight[pool.submit(_decode_job, str(path), frames, backbone, threads)] = path
+                        in_flight[pool.submit(decode_job, str(path), frames, backbone, threads)] = path
                     if not in_flight:
                         break
                     finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
@@ -1372,8 +1365,8 @@ def extract(videos, out, backbone="ViT-B/32", weights=None, frames=28, device=No
         flush()
     finally:
         bar.close()
-        _compact_failures(out)
-        _list_silent(out)
+        compact_failures(out)
+        list_silent(out)
     return summary
 
 
@@ -1382,16 +1375,17 @@ def extract(videos, out, backbone="ViT-B/32", weights=None, frames=28, device=No
 
 
 def main(argv=None) -> int:
-    """The CLI; returns the exit status (1 if any video failed)."""
-    p = argparse.ArgumentParser(description="Frozen backbone features from videos -> DIR/<video_id>.npy (N, D)")
+    """The CLI; returns the exit status: 0, 1 if some videos failed, 2 for a usage or I/O error."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("videos", nargs="*", help="video files and/or folders (searched recursively)")
     p.add_argument("--list", help="a text file with one video path per line")
     p.add_argument("--out", required=True, help="output folder, e.g. feats/image")
     p.add_argument("--backbone", default="ViT-B/32", choices=list(BACKBONES))
     p.add_argument("--weights", help="checkpoint file (else downloaded from the public URL and cached)")
-    p.add_argument("--frames", type=int, default=28, help="N frames per video (paper: 28)")
+    p.add_argument("--frames", type=int, default=FRAMES,
+                   help=f"N segments per video (default {FRAMES}, the authors'; train.py takes 28 of them)")
     p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
-    p.add_argument("--batch_size", type=int, default=256,
+    p.add_argument("--batch_size", type=int, default=BATCH_SIZE,
                    help="samples per backbone batch: frames, 16-frame clips (lower it for resnext101-kinetics "
                         "on a small GPU) or 0.96 s audio examples")
     p.add_argument("--workers", type=int, help="decoding processes (default: CPU count, at most 16; 0 = none)")
@@ -1406,8 +1400,9 @@ def main(argv=None) -> int:
             p.error("no videos given (pass files, folders or --list FILE)")
         summary = extract(videos, args.out, args.backbone, args.weights, args.frames, args.device, args.batch_size,
                           args.workers, args.dtype, parse_shard(args.shard), not args.no_progress)
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, RuntimeError, OSError) as e:  # usage and I/O errors: one line, no traceback
+        io_error = isinstance(e, OSError) and e.errno is not None  # named after its file, else the output folder
+        print(f"error: {e.filename or args.out}: {e.strerror}" if io_error else f"error: {e}", file=sys.stderr)
         return 2
     if summary["silent"]:
         print(f"{len(summary['silent'])} without a soundtrack: zero features (listed in meta.json)", file=sys.stderr)

@@ -1,18 +1,17 @@
 """
 Train and evaluate a CLIP-DAP video captioner (dap.py) from captions and pre-extracted features.
 
-    python train.py                                  # built-in SYNTHETIC toy dataset, no downloads, minutes on a CPU
-    python train.py --table                          # toy Base/VAP/TAP/DAP table, mean +- std over 3 seeds
+    python train.py            # SYNTHETIC toy data: Base and DAP side by side, on a CPU, no downloads
     python train.py --dataset msrvtt --data DIR --feats image=feats/image,motion=feats/motion,audio=feats/audio
     python train.py --dataset vatex  --data DIR --feats image=...,motion=...
-    python train.py --eval_only --ckpt out/RUN/best.pt [same data options]
-    python train.py [msrvtt/vatex options] --clipscore --weights ViT-B-32.pt  # + CLIPScore, not in the paper
+    python train.py --eval_only --ckpt out/RUN/best.pt [the data options]
     python train.py --caption my_video.mp4 --ckpt out/RUN/best.pt [--weights image=ViT-B-32.pt] [--json]
+    python train.py --table | --study   # toy: Base/VAP/TAP/DAP over seeds | notebook 04's study of when DAP helps
 
-Reading order: stop words -> datasets (MSR-VTT, VATEX, toy) -> features -> vocabulary and attributes
-(Sec. 4.1) -> tensors -> evaluation (pycocoevalcap, diversity, mAP, CLIPScore) -> training (Sec. 4.3) ->
-captioning new video files (extract.py's backbones + a trained checkpoint) -> main.
-Every function is importable without side effects; the notebooks use them directly.
+Reading order: the recipe (Sec. 4.3) -> data (MSR-VTT, VATEX, the toy, features) -> vocabulary and
+attributes (Sec. 4.1) -> training -> evaluation -> command line; then captioning video files, CLIPScore
+and the toy tables. Where the paper is silent, the authors' code (yangbang18/CLIP-Captioner) decides: its
+file is named next to the line. Importing this file has no side effects; the notebooks use its functions.
 """
 import argparse
 import atexit
@@ -20,9 +19,10 @@ import copy
 import dataclasses
 import json
 import math
-import os
+import pickle
 import re
 import shutil
+import string
 import subprocess
 import sys
 import time
@@ -37,33 +37,45 @@ import torch
 from tqdm.auto import tqdm
 
 import dap
+import extract
 from dap import BOS, EOS, PAD, UNK
 
 # ----------------------------------------------------------------------------------------------
-# The project's stop-word list: English function words (articles, pronouns, auxiliaries,
-# prepositions, conjunctions, determiners, a few adverbs). Attributes are never stop words.
+# The recipe: the paper's defaults (Sec. 4.3) in one place; VATEX and the toy override a few of them
 
-STOP_WORDS = frozenset("""
-a an the this that these those there here
-i me my mine myself we us our ours ourselves you your yours yourself yourselves
-he him his himself she her hers herself it its itself they them their theirs themselves
-who whom whose which what when where why how whoever whatever
-am is are was were be been being isn't aren't wasn't weren't
-have has had having haven't hasn't hadn't do does did doing done don't doesn't didn't
-will would shall should can could may might must won't wouldn't shouldn't can't cannot couldn't
-and or but nor so yet if then else than because as until while although though unless whether
-of at by for with about against between into through during before after above below to from
-up down in out on off over under again further once onto upon within without along across
-around among toward towards behind beside besides near via per
-all any both each few more most other some such no not only own same too very just
-also even ever still much many lot lots one ones
-s t d ll m o re ve y 's 're 've 'll 'd 'm n't
-""".split())
+TASKS = {"base": (False, False), "vap": (True, False), "tap": (False, True), "dap": (True, True)}  # (VAP, TAP)
+
+
+@dataclass
+class Recipe:
+    d_model: int = 512            # d_h
+    n_attributes: int = 500       # K
+    n_frames: int = 28            # N frames (snippets) per video
+    sparse_sampling: bool = True  # in VAP (Sec. 4.2)
+    epochs: int = 50
+    batch_size: int = 64          # video-caption pairs, every caption once per epoch
+    lr: float = 5e-4              # Adam, "decayed to 0.9 times every epoch before reaching 1e-6"
+    lr_decay: float = 0.9
+    min_lr: float = 1e-6
+    weight_decay: float = 1e-3    # L2, Adam's weight_decay (models/Wrapper.py)
+    beam_size: int = 5
+    seed: int = 0
+
+
+DATASET_RECIPES = {"msrvtt": {}, "vatex": {"d_model": 1024},
+                   "toy": dict(d_model=128, epochs=12, lr=2e-3)}  # small and short for a CPU (README)
+
+
+def recipe_for(dataset, **overrides):
+    """The paper's recipe, the dataset's overrides, then yours (None = not given)."""
+    return Recipe(**{**DATASET_RECIPES[dataset], **{k: v for k, v in overrides.items() if v is not None}})
+
 
 SPLITS = ("train", "val", "test")
+MAX_LEN = dap.Config.max_len  # T_max = 30 tokens, BOS and EOS included
 
 # ----------------------------------------------------------------------------------------------
-# Datasets: ids per split, captions per video, a category per video (when the dataset has one)
+# Data: ids per split, captions per video, a category per video (when the dataset has one)
 
 
 @dataclass
@@ -71,7 +83,7 @@ class Dataset:
     """Annotations of one dataset; features are loaded separately (the toy dataset carries its own)."""
     name: str
     splits: dict                      # "train" | "val" | "test" -> [video_id]
-    captions: dict                    # video_id -> [caption]
+    captions: dict                    # video_id -> [caption], in the annotation files' order
     categories: dict = field(default_factory=dict)      # video_id -> int
     category_names: list = field(default_factory=list)
     feats: dict = None                # toy only: modality -> float tensor (V, N, D), rows in all_ids order
@@ -83,7 +95,7 @@ class Dataset:
         return [v for s in SPLITS for v in self.splits[s]]
 
 
-def _read_json_member(data_dir, names):
+def read_json_member(data_dir, names):
     """The first of names found in data_dir, either as a file or inside any .zip there; None if absent."""
     data_dir = Path(data_dir)
     for name in names:
@@ -102,10 +114,10 @@ def load_msrvtt(data_dir):
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise FileNotFoundError(f"MSR-VTT directory {data_dir} does not exist")
-    parts = [_read_json_member(data_dir, ["train_val_videodatainfo.json"]),
-             _read_json_member(data_dir, ["test_videodatainfo.json"])]
+    parts = [read_json_member(data_dir, ["train_val_videodatainfo.json"]),
+             read_json_member(data_dir, ["test_videodatainfo.json"])]
     if parts[0] is None or parts[1] is None:
-        parts = [_read_json_member(data_dir, ["videodatainfo.json"])]
+        parts = [read_json_member(data_dir, ["videodatainfo.json"])]
         if parts[0] is None:
             raise FileNotFoundError(f"{data_dir}: need train_val_videodatainfo.json and test_videodatainfo.json "
                                     "(or videodatainfo.json), as files or inside the release .zip files")
@@ -117,16 +129,27 @@ def load_msrvtt(data_dir):
     split_name = {"train": "train", "validate": "val", "val": "val", "test": "test"}
     order = lambda v: int(re.sub(r"\D", "", v) or 0)  # video0, video1, ... in numeric order
     splits = {s: sorted((v["video_id"] for v in videos if split_name[v["split"]] == s), key=order) for s in SPLITS}
-    captions = {v["video_id"]: [] for v in videos}
-    for s in sorted(sentences, key=lambda s: (order(s["video_id"]), s.get("sen_id", 0))):
-        captions[s["video_id"]].append(s["caption"])
+    captions = {}
+    for s in sentences:  # in the files' order, as the authors read them: it breaks the vocabulary's ties
+        captions.setdefault(s["video_id"], []).append(s["caption"])
+    for v in videos:
+        captions.setdefault(v["video_id"], [])
     categories = {v["video_id"]: int(v["category"]) for v in videos}
     names = []
-    raw = _read_json_member(data_dir, ["category.txt"])
+    raw = read_json_member(data_dir, ["category.txt"])
     if raw is not None:  # "music\t0" per line
         pairs = [line.split("\t") for line in raw.decode().splitlines() if line.strip()]
         names = [name for name, _ in sorted(pairs, key=lambda p: int(p[1]))]
     return Dataset("msrvtt", splits, captions, categories, names)
+
+
+def tokenize_vatex(caption):
+    """The authors' VATEX rule (misc/utils_corpora.py, preprocess_VATEX): NLTK's word tokenizer, lowercase,
+    "'s" -> "s", punctuation tokens dropped; without NLTK's sentence splitter (punkt, not installed with
+    nltk), so a caption is tokenised as one sentence."""
+    import nltk
+    return [t.lower().replace("'s", "s") for t in nltk.word_tokenize(caption, preserve_line=True)
+            if t and t not in string.punctuation]
 
 
 def load_vatex(data_dir):
@@ -135,14 +158,20 @@ def load_vatex(data_dir):
              "test": "vatex_public_test_english_v1.1.json"}
     splits, captions = {}, {}
     for split, name in files.items():
-        raw = _read_json_member(data_dir, [name])
+        raw = read_json_member(data_dir, [name])
         if raw is None:
             raise FileNotFoundError(f"{Path(data_dir) / name} not found (official VATEX annotation file)")
         items = json.loads(raw)
         splits[split] = [item["videoID"] for item in items]
-        for item in items:
-            captions[item["videoID"]] = list(item["enCap"])
+        for item in items:  # stored tokenised by the VATEX rule; tokenize() leaves them as they are
+            captions[item["videoID"]] = [" ".join(tokenize_vatex(c)) for c in item["enCap"]]
     return Dataset("vatex", splits, captions)
+
+
+def training_captions(dataset):
+    """The training split's captions in the annotation files' order (it breaks the vocabulary's ties)."""
+    train = set(dataset.splits["train"])
+    return [c for v, caps in dataset.captions.items() if v in train for c in caps]
 
 
 def subset(dataset, ids):
@@ -151,6 +180,15 @@ def subset(dataset, ids):
     ds = copy.copy(dataset)
     ds.splits = {s: [v for v in dataset.splits[s] if v in keep] for s in SPLITS}
     return ds
+
+
+def drop_uncaptioned(dataset, log=print):
+    """A video without any caption cannot be trained on or scored: drop it, with a count and a warning."""
+    empty = [v for v in dataset.all_ids if not dataset.captions.get(v)]
+    if empty:
+        log(f"warning: dropping {len(empty)} videos that have no caption in the annotations: {empty[:5]}")
+        dataset = subset(dataset, set(dataset.all_ids) - set(empty))
+    return dataset
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,11 +322,14 @@ def make_toy(seed=0, n_train=400, n_val=50, n_test=200, n_captions=10, n_frames=
     return Dataset("toy", splits, captions, cats, categories, feats=feats, meta=meta, synthetic=True)
 
 
+TOY_SIZES = dict(n_train=400, n_val=50, n_test=200)
+
+
 # ----------------------------------------------------------------------------------------------
 # Features: <video_id>.npy arrays (T, D) per modality as extract.py writes them, or the authors'
-# HDF5 files (one dataset per video id); resampled to N frames; held in memory as (V, N, D) tensors.
+# HDF5 files (one dataset per video id); N frames taken with extract.py's rule; held as (V, N, D) tensors.
 
-# Missing audio -> zeros (a video without a soundtrack); missing image or motion -> error (or drop).
+MODALITIES = ("image", "motion", "audio")
 
 
 def parse_feats(spec):
@@ -297,11 +338,21 @@ def parse_feats(spec):
     for part in filter(None, (p.strip() for p in spec.split(","))):
         if "=" not in part:
             raise ValueError(f"--feats entry {part!r} is not MODALITY=PATH (e.g. image=feats/image)")
-        m, path = part.split("=", 1)
-        out[m.strip()] = path.strip()
+        m, path = (x.strip() for x in part.split("=", 1))
+        if m not in MODALITIES:
+            raise ValueError(f"--feats: unknown modality {m!r} in {part!r}; the modalities are {', '.join(MODALITIES)}")
+        out[m] = path
     if "image" not in out:
         raise ValueError(f"--feats {spec!r} has no image=PATH entry")
     return out
+
+
+def read_meta(path):
+    """extract.py's meta.json, with an error naming the file when it is not valid JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); extract.py writes it: rerun it, or remove the file") from None
 
 
 def feature_provenance(paths):
@@ -312,14 +363,8 @@ def feature_provenance(paths):
     out = {}
     for m, path in paths.items():
         meta = Path(path) / "meta.json"
-        out[m] = ({k: v for k, v in json.loads(meta.read_text()).items() if k != "silent"}  # silent: per-video list
-                  if meta.is_file() else None)
+        out[m] = {k: v for k, v in read_meta(meta).items() if k != "silent"} if meta.is_file() else None
     return out
-
-
-def resample_indices(T, N):
-    """N frame indices spread uniformly over T (the rule extract.py uses): floor((i + 0.5) * T / N)."""
-    return [int((i + 0.5) * T / N) for i in range(N)]
 
 
 class FeatureSource:
@@ -330,7 +375,7 @@ class FeatureSource:
         self.h5 = None
         if self.path.is_file():
             try:
-                import h5py  # optional: only for the authors' released HDF5 features
+                import h5py  # only for the authors' released HDF5 features
             except ImportError as e:
                 raise ImportError(f"{self.path} looks like an HDF5 file; reading it needs `pip install h5py`") from e
             self.h5 = h5py.File(self.path, "r")
@@ -344,9 +389,18 @@ class FeatureSource:
         return video_id in self.ids
 
     def read(self, video_id):
-        if self.h5 is not None:
-            return np.asarray(self.h5[video_id][()])
-        return np.load(self.path / f"{video_id}.npy")
+        """(T, D) float32, with an error naming the file when it cannot be read as such."""
+        where = f"{self.path}[{video_id}]" if self.h5 is not None else self.path / f"{video_id}.npy"
+        try:
+            x = np.asarray(self.h5[video_id][()]) if self.h5 is not None else np.load(where, allow_pickle=False)
+            x = x.astype(np.float32)
+        except (OSError, ValueError, TypeError, EOFError) as e:
+            raise ValueError(f"{where}: cannot be read as a feature array ({e})") from None
+        if x.ndim != 2 or x.shape[0] < 1:
+            raise ValueError(f"{where}: expected a (T, D) array with T >= 1, got shape {x.shape}")
+        if not np.isfinite(x).all():
+            raise ValueError(f"{where}: contains NaN or inf")
+        return x
 
 
 def load_features(paths, video_ids, n_frames=28, missing="error", log=print):
@@ -364,62 +418,95 @@ def load_features(paths, video_ids, n_frames=28, missing="error", log=print):
                                 f"(per modality: {which}); first: {absent[:5]}")
     if absent:
         log(f"dropping {len(absent)} of {len(video_ids)} videos without features (e.g. {absent[:3]})")
-    drop = set(absent)
-    kept = [v for v in video_ids if v not in drop]
+    kept = [v for v in video_ids if v not in set(absent)]
     feats = {}
     for m, src in sources.items():
-        rows, dim, n_zero = [], None, 0
-        for v in tqdm(kept, desc=f"loading {m} features", leave=False, disable=len(kept) < 1000):
-            if v not in src:  # audio only: a video without a soundtrack
-                rows.append(None)
-                n_zero += 1
-                continue
+        rows = {}  # N frames of each video (audio only may be absent: a video without a soundtrack)
+        for v in tqdm([v for v in kept if v in src], desc=f"loading {m} features", leave=False, disable=len(kept) < 1000):
             x = src.read(v)
-            where = f"{m} features of {v} ({src.path})"
-            if x.ndim != 2 or x.shape[0] < 1:
-                raise ValueError(f"{where}: expected a (T, D) array with T >= 1, got shape {x.shape}")
-            if dim is None:
-                dim = x.shape[1]
-            if x.shape[1] != dim:
-                raise ValueError(f"{where}: dimension {x.shape[1]} differs from {dim} of the other videos")
-            if not np.isfinite(x).all():
-                raise ValueError(f"{where}: contains NaN or inf")
-            rows.append(torch.from_numpy(x[resample_indices(x.shape[0], n_frames)].astype(np.float32)))
-        if dim is None:
+            rows[v] = x[extract.sample_indices(len(x), n_frames)]                    # (N, D)
+        if not rows:
             raise FileNotFoundError(f"no {m} features for any of the {len(kept)} videos in {src.path}")
-        zeros = torch.zeros(n_frames, dim)
-        feats[m] = torch.stack([zeros if r is None else r for r in rows])  # (V, N, D)
-        if n_zero:
-            log(f"{m}: {n_zero} of {len(kept)} videos have no features -> zeros (as the paper pads silent videos)")
+        dim = Counter(x.shape[1] for x in rows.values()).most_common(1)[0][0]  # the majority's dimension
+        odd = [v for v, x in rows.items() if x.shape[1] != dim]
+        if odd:
+            raise ValueError(f"{m} features in {src.path}: {len(odd)} of {len(rows)} videos are not {dim}-d like the "
+                             f"others: " + ", ".join(f"{v} ({rows[v].shape[1]}-d)" for v in odd[:5]))
+        zeros = np.zeros((n_frames, dim), np.float32)
+        feats[m] = torch.from_numpy(np.stack([rows.get(v, zeros) for v in kept]))   # (V, N, D)
+        if len(rows) < len(kept):
+            log(f"{m}: {len(kept) - len(rows)} of {len(kept)} videos have no features -> zeros (as the paper "
+                "pads silent videos)")
     return feats, kept
 
 
 # ----------------------------------------------------------------------------------------------
-# Vocabulary and attributes (Sec. 4.1)
+# Vocabulary and attributes (Sec. 4.1), as the authors prepare their corpus (misc/utils_corpora.py)
 
 SPECIALS = ["<pad>", "<unk>", "<bos>", "<eos>"]  # ids dap.PAD, dap.UNK, dap.BOS, dap.EOS
 assert [PAD, UNK, BOS, EOS] == [0, 1, 2, 3]
+# Stop words: the authors' data/en.json (570 words, the SMART retrieval system's English list).
+
+STOP_WORDS = frozenset("""
+a a's able about above according accordingly across actually after afterwards again against ain't all allow
+allows almost alone along already also although always am among amongst an and another any anybody anyhow
+anyone anything anyway anyways anywhere apart appear appreciate appropriate are aren't around as aside ask
+asking associated at available away awfully b be became because become becomes becoming been before beforehand
+behind being believe below beside besides best better between beyond both brief but by c c'mon c's came can
+can't cannot cant cause causes certain certainly changes clearly co com come comes concerning consequently
+consider considering contain containing contains corresponding could couldn't course currently d definitely
+described despite did didn't different do does doesn't doing don't done down downwards during e each edu eg
+eight either else elsewhere enough entirely especially et etc even ever every everybody everyone everything
+everywhere ex exactly example except f far few fifth first five followed following follows for former formerly
+forth four from further furthermore g get gets getting given gives go goes going gone got gotten greetings h
+had hadn't happens hardly has hasn't have haven't having he he's hello help hence her here here's hereafter
+hereby herein hereupon hers herself hi him himself his hither hopefully how howbeit however i i'd i'll i'm
+i've ie if ignored immediate in inasmuch inc indeed indicate indicated indicates inner insofar instead into
+inward is isn't it it'd it'll it's its itself j just k keep keeps kept know known knows l last lately later
+latter latterly least less lest let let's like liked likely little look looking looks ltd m mainly many may
+maybe me mean meanwhile merely might more moreover most mostly much must my myself n name namely nd near
+nearly necessary need needs neither never nevertheless new next nine no nobody non none noone nor normally not
+nothing novel now nowhere o obviously of off often oh ok okay old on once one ones only onto or other others
+otherwise ought our ours ourselves out outside over overall own p particular particularly per perhaps placed
+please plus possible presumably probably provides q que quite qv r rather rd re really reasonably regarding
+regardless regards relatively respectively right s said same saw say saying says second secondly see seeing
+seem seemed seeming seems seen self selves sensible sent serious seriously seven several shall she should
+shouldn't since six so some somebody somehow someone something sometime sometimes somewhat somewhere soon
+sorry specified specify specifying still sub such sup sure t t's take taken tell tends th than thank thanks
+thanx that that's thats the their theirs them themselves then thence there there's thereafter thereby
+therefore therein theres thereupon these they they'd they'll they're they've think third this thorough
+thoroughly those though three through throughout thru thus to together too took toward towards tried tries
+truly try trying twice two u un under unfortunately unless unlikely until unto up upon us use used useful uses
+using usually uucp v value various very via viz vs w want wants was wasn't way we we'd we'll we're we've
+welcome well went were weren't what what's whatever when whence whenever where where's whereafter whereas
+whereby wherein whereupon wherever whether which while whither who who's whoever whole whom whose why will
+willing wish with within without won't wonder would wouldn't x y yes yet you you'd you'll you're you've your
+yours yourself yourselves z zero
+""".split())
+
 
 
 def tokenize(caption):
-    """Lowercase and split into words; punctuation-only tokens are dropped ("don't" stays one word)."""
-    return re.findall(r"[^\W_]+(?:['_][^\W_]+)*", caption.lower())
+    """The authors' rule (misc/utils_corpora.py, preprocess_MSRVTT): split on whitespace, drop the tokens
+    that are punctuation (any substring of string.punctuation, e.g. "," or "-"), lowercase the rest."""
+    return [t.lower() for t in caption.split() if t not in string.punctuation]
 
 
 def build_vocab(train_captions, min_count=3):
-    """Words seen more than 2 times in the training captions (the authors' threshold), after the specials."""
-    counts = Counter(w for c in train_captions for w in tokenize(c))
-    return SPECIALS + sorted(w for w, n in counts.items() if n >= min_count)
+    """The specials, then the words seen more than 2 times in the training captions, most frequent first,
+    ties in order of first appearance (misc/utils_corpora.py, build_vocab with sort_vocab)."""
+    counts = Counter(w for c in train_captions for w in tokenize(c))  # a Counter keeps first-seen order
+    return SPECIALS + sorted((w for w, n in counts.items() if n >= min_count), key=lambda w: -counts[w])
 
 
-def encode_caption(caption, word_to_id, max_len=30):
-    """BOS w1..wn EOS, truncated to max_len tokens in all, unknown words -> UNK."""
+def encode_caption(caption, word_to_id, max_len=MAX_LEN):
+    """BOS w1..wn EOS, truncated to max_len tokens in all (dataloader.py, _padding), unknown words -> UNK."""
     ids = [word_to_id.get(w, UNK) for w in tokenize(caption)][:max_len - 2]
     return [BOS] + ids + [EOS]
 
 
 def decode_caption(ids, vocab):
-    """Token ids (no BOS) -> text, stopping at EOS or PAD."""
+    """Token ids (no BOS) -> text, stopping at EOS or PAD (misc/utils.py, to_sentence)."""
     words = []
     for i in ids:
         if i in (EOS, PAD):
@@ -446,10 +533,9 @@ def pos_filter(words, train_captions):
 
 
 def build_attributes(train_captions, vocab, k=500, pos=False, log=print):
-    """The K most frequent training words that are not stop words (Sec. 4.1); ties broken alphabetically."""
-    in_vocab = set(vocab[len(SPECIALS):])
-    counts = Counter(w for c in train_captions for w in tokenize(c) if w in in_vocab and w not in STOP_WORDS)
-    words = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+    """The K most frequent training words that are not stop words (Sec. 4.1): the first K non-stop words
+    of build_vocab's frequency order (misc/utils_corpora.py, build_vocab with attribute_first)."""
+    words = [w for w in vocab[len(SPECIALS):] if w not in STOP_WORDS]
     if pos:
         words = pos_filter(words, train_captions)
     if len(words) < k:
@@ -477,7 +563,7 @@ def attribute_labels(captions_per_video, attributes):
 class Split:
     ids: list            # video ids
     feats: dict          # modality -> (V, N, D)
-    refs: list           # [[caption]] per video, raw text
+    refs: list           # [[caption]] per video, tokenised and re-joined (the authors' refs.pkl)
     labels: torch.Tensor  # (V, K) multi-hot attributes
     tokens: torch.Tensor  # (P, max_len) every caption as BOS w.. EOS PAD..
     pair_video: torch.Tensor  # (P,) row in ids of each caption
@@ -488,10 +574,10 @@ class Split:
                                    pair_video=self.pair_video.to(device))
 
 
-def make_split(ids, feats, captions, vocab, attributes, max_len=30):
+def make_split(ids, feats, captions, vocab, attributes, max_len=MAX_LEN):
     """Build a Split; feats are already (V, N, D) tensors in the order of ids."""
     word_to_id = {w: i for i, w in enumerate(vocab)}
-    refs = [captions[v] for v in ids]
+    refs = [[" ".join(tokenize(c)) for c in captions[v]] for v in ids]  # misc/utils_corpora.py, references
     rows, owner = [], []
     for v, caps in enumerate(refs):
         for c in caps:
@@ -503,7 +589,7 @@ def make_split(ids, feats, captions, vocab, attributes, max_len=30):
     return Split(list(ids), feats, refs, attribute_labels(refs, attributes), tokens, torch.tensor(owner))
 
 
-def prepare(dataset, feats, vocab, attributes, max_len=30):
+def prepare(dataset, feats, vocab, attributes, max_len=MAX_LEN):
     """{split: Split} from a Dataset and its features {modality: (V, N, D)} in dataset.all_ids order."""
     out, start = {}, 0
     for s in SPLITS:
@@ -515,9 +601,170 @@ def prepare(dataset, feats, vocab, attributes, max_len=30):
 
 
 # ----------------------------------------------------------------------------------------------
-# Evaluation: caption quality (pycocoevalcap), diversity (Sec. 3.3), attribute mAP (Sec. 4.3)
+# Training (Sec. 4.3): Adam, lr x 0.9 every epoch down to 1e-6, L2 weight decay, batches of video-caption
+# pairs, beam-search validation after every epoch, the weights of the best validation Meta-Sum kept.
 
-_METEOR = None  # one METEOR Java process per Python process (it takes ~10 s and 2 GB to start)
+
+def model_config(task, recipe, feature_dims, vocab, attributes):
+    """The dap.Config of task base | vap | tap | dap for this recipe and data."""
+    vap, tap = TASKS[task]
+    if (vap or tap) and not attributes:
+        raise ValueError(f"--task {task} predicts attributes, but there are none (every caption word is a stop "
+                         "word?): train --task base, or give captions with content words")
+    return dap.Config(feature_dims=dict(feature_dims), vocab_size=len(vocab), n_attributes=len(attributes),
+                      d_model=recipe.d_model, vap=vap, tap=tap, sparse_sampling=recipe.sparse_sampling)
+
+
+def task_of(cfg):
+    """The task name of a dap.Config: base | vap | tap | dap."""
+    return next(task for task, flags in TASKS.items() if flags == (cfg.vap, cfg.tap))
+
+
+def save_checkpoint(obj, path):
+    """torch.save through a temporary file and a rename: a crash or a full disk never leaves half a file."""
+    extract.atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def write_json(path, obj):
+    extract.atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1)))
+
+
+def read_checkpoint(path, device="cpu"):
+    """torch.load(weights_only=True): tensors and plain values only, with errors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path} is refused: it holds objects other than tensors and plain values, which could run "
+                         f"code when loaded (an unsafe pickle): {str(e).splitlines()[0]}") from None
+    except (RuntimeError, EOFError, OSError, KeyError) as e:
+        raise ValueError(f"{path} is corrupt or truncated and cannot be loaded ({e})") from None
+
+
+def load_checkpoint(path, device="cpu"):
+    """A best.pt or last.pt -> (model, vocab, attributes, checkpoint dict)."""
+    ckpt = read_checkpoint(path, device)
+    if not {"config", "state_dict", "vocab", "attributes"} <= set(ckpt):
+        raise ValueError(f"{path} is not a checkpoint written by train.py (it lacks "
+                         f"{sorted({'config', 'state_dict', 'vocab', 'attributes'} - set(ckpt))})")
+    model = dap.CaptionModel(dap.Config(**ckpt["config"])).to(device)
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval(), ckpt["vocab"], ckpt["attributes"], ckpt
+
+
+def resume_state(out_dir, cfg, log=print):
+    """The last.pt of an interrupted run in out_dir, if its model config is cfg's; None if there is none."""
+    path = Path(out_dir) / "last.pt"
+    if not path.exists():
+        log(f"--resume: no checkpoint in {out_dir}, starting from scratch")
+        return None
+    state = read_checkpoint(path)
+    differ = sorted(k for k, v in dataclasses.asdict(cfg).items() if state["config"].get(k) != v)
+    if differ:
+        raise ValueError(f"{path} was trained with another model configuration ({', '.join(differ)} differ): "
+                         "use another --out, or the same options")
+    return state
+
+
+def train(model, data, vocab, attributes, recipe, out_dir=None, state=None, progress=True, log=print,
+          on_epoch_end=None, validate=True, meteor=True):
+    """Train on data["train"], validate on data["val"] after each epoch -> history; keeps the best weights.
+
+    out_dir: writes last.pt (every epoch, for --resume) and best.pt (best validation Meta-Sum).
+    state: a last.pt (resume_state) to continue from. on_epoch_end(epoch, history): notebooks, tests.
+    """
+    train_split, val_split = data["train"], data["val"]
+    device = next(model.parameters()).device
+    optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    train_captions = [c for refs in train_split.refs for c in refs]
+    val_refs = coco_tokenize(dict(enumerate(val_split.refs))) if validate else None
+    history, best_score, best_state, start = [], -math.inf, None, 0
+    if state is not None:
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        history, best_score, best_state, start = state["history"], state["best_score"], state["best_state"], state["epoch"] + 1
+        torch.set_rng_state(state["rng"].cpu())
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([r.cpu() for r in state["cuda_rng"]])
+        log(f"resuming from {out_dir}/last.pt after epoch {start} of {recipe.epochs}")
+    checkpoint = lambda weights, **more: {"config": dataclasses.asdict(model.cfg), "state_dict": weights,
+                                          "vocab": list(vocab), "attributes": list(attributes), **more}
+    n_pairs = len(train_split.tokens)
+    for epoch in range(start, recipe.epochs):
+        t0 = time.time()
+        for group in optimizer.param_groups:  # StepLR(gamma=0.9) per epoch (models/Wrapper.py), floored
+            group["lr"] = max(recipe.lr * recipe.lr_decay ** epoch, recipe.min_lr)
+        model.train()
+        order = torch.randperm(n_pairs, generator=torch.Generator().manual_seed(recipe.seed * 1000 + epoch))
+        sums, steps = Counter(), 0
+        bar = tqdm(range(0, n_pairs, recipe.batch_size), desc=f"epoch {epoch + 1}/{recipe.epochs}", leave=False,
+                   disable=not progress)
+        for i in bar:
+            pairs = order[i:i + recipe.batch_size].to(device)
+            videos, caps = train_split.pair_video[pairs], train_split.tokens[pairs]
+            caps = caps[:, :int((caps != PAD).sum(1).max())]                     # (B, T) trimmed to the longest
+            feats = {m: x[videos] for m, x in train_split.feats.items()}           # (B, N, D) per modality
+            out = model(feats, caps, train_split.labels[videos])                  # Eq. 12
+            optimizer.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            optimizer.step()
+            sums.update({k: v.item() for k, v in out.items()})
+            steps += 1
+            bar.set_postfix(loss=f"{out['loss'].item():.3f}")
+        record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **{k: v / steps for k, v in sums.items()}}
+        score = epoch  # without validation the last epoch is kept
+        if validate:
+            metrics, _ = evaluate(model, val_split, vocab, attributes, train_captions, recipe.beam_size,
+                                  tokenized_refs=val_refs, progress=progress, meteor=meteor)
+            record.update({f"val_{k}": v for k, v in metrics.items()})
+            score = metrics["Meta-Sum"]
+        record["time_s"] = time.time() - t0
+        history.append(record)
+        if score > best_score:
+            best_score, best_state = score, {k: v.detach().clone() for k, v in model.state_dict().items()}
+            if out_dir:
+                save_checkpoint(checkpoint(best_state, epoch=epoch + 1, val_meta_sum=score), Path(out_dir) / "best.pt")
+        log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
+                     if k in ("epoch", "loss", "cap", "vap", "tap", "val_Meta-Sum", "val_mAP-VAP", "time_s")))
+        if out_dir:
+            save_checkpoint(checkpoint(model.state_dict(), optimizer=optimizer.state_dict(), history=history,
+                                       best_score=best_score, best_state=best_state, epoch=epoch,
+                                       rng=torch.get_rng_state(), **({"cuda_rng": torch.cuda.get_rng_state_all()}
+                                                                     if torch.cuda.is_available() else {})),
+                            Path(out_dir) / "last.pt")
+        if on_epoch_end:
+            on_epoch_end(epoch, history)
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return history
+
+
+def train_model(task, data, vocab, attributes, device="cpu", dataset="toy", out_dir=None, resume=False,
+                log=print, **kw):
+    """Build and train a model for task base | vap | tap | dap on prepared data -> (model, history).
+
+    kw: Recipe fields (default: the dataset's recipe) and train()'s options (progress, on_epoch_end, ...).
+    """
+    names = {f.name for f in dataclasses.fields(Recipe)}
+    recipe = recipe_for(dataset, **{k: v for k, v in kw.items() if k in names})
+    torch.manual_seed(recipe.seed)
+    dims = {m: x.size(-1) for m, x in data["train"].feats.items()}
+    cfg = model_config(task, recipe, dims, vocab, attributes)
+    state = resume_state(out_dir, cfg, log) if resume else None
+    model = dap.CaptionModel(cfg).to(device)
+    data = {s: d.to(device) for s, d in data.items()}
+    history = train(model, data, vocab, attributes, recipe, out_dir, state, log=log,
+                    **{k: v for k, v in kw.items() if k not in names})
+    return model, history
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation: caption quality (pycocoevalcap, called directly as the authors' misc/cocoeval.py does; SPICE
+# is not run, it downloads a model), diversity (Sec. 3.3), attribute mAP (Sec. 4.3)
+
+METEOR = None  # one METEOR Java process per Python process (it takes ~10 s and 2 GB to start)
 
 
 def java_available():
@@ -526,36 +773,35 @@ def java_available():
 
 def get_meteor():
     """The process-wide METEOR scorer, started on first use and closed at exit."""
-    global _METEOR
-    if _METEOR is None:
+    global METEOR
+    if METEOR is None:
         from pycocoevalcap.meteor.meteor import Meteor
-        _METEOR = Meteor()
+        METEOR = Meteor()
         atexit.register(close_meteor)
-    return _METEOR
+    return METEOR
 
 
 def close_meteor():
     """Stop the METEOR Java process, if one was started."""
-    global _METEOR
-    if _METEOR is not None:
-        with _METEOR.lock:
-            _METEOR.meteor_p.stdin.close()
-            _METEOR.meteor_p.kill()
-            _METEOR.meteor_p.wait()
-        _METEOR.meteor_p = subprocess.Popen(["true"], stdin=subprocess.PIPE)  # harmless target for its __del__
-        _METEOR = None
+    global METEOR
+    if METEOR is not None:
+        with METEOR.lock:
+            METEOR.meteor_p.stdin.close()
+            METEOR.meteor_p.kill()
+            METEOR.meteor_p.wait()
+        METEOR.meteor_p = subprocess.Popen(["true"], stdin=subprocess.PIPE)  # harmless target for its __del__
+        METEOR = None
 
 
 def coco_tokenize(texts):
-    """{id: [text]} -> {id: [tokenized text]} with the PTB tokenizer (Java), or tokenize() without Java.
-
-    Without Java the fallback is this file's tokenize(): lowercase, words with inner apostrophes kept,
-    punctuation dropped; close to, but not identical with, PTB tokenisation ("don't" vs "do n't").
-    """
+    """{id: [text]} -> {id: [tokenized text]} with the PTB tokenizer (Java), as the authors score
+    (misc/cocoeval.py); without Java, an approximation: lowercase words (inner apostrophes kept), punctuation
+    dropped ("don't" where PTB gives "do n't")."""
     if java_available():
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
         return PTBTokenizer().tokenize({k: [{"caption": t} for t in v] for k, v in texts.items()})
-    return {k: [" ".join(tokenize(t)) for t in v] for k, v in texts.items()}
+    words = lambda t: re.findall(r"[^\W_]+(?:['_][^\W_]+)*", t.lower())
+    return {k: [" ".join(words(t)) for t in v] for k, v in texts.items()}
 
 
 def caption_scores(references, candidates, tokenized_refs=None, meteor=True):
@@ -583,22 +829,24 @@ def caption_scores(references, candidates, tokenized_refs=None, meteor=True):
     return {k: None if v is None else float(v) for k, v in out.items()}  # plain floats (CIDEr is numpy)
 
 
-def diversity(captions, train_captions):
-    """Novel (% not verbatim in training), Unique (% distinct), Vocab (distinct words) (Sec. 3.3).
-
-    Captions are compared after tokenize(); train_captions is an iterable of raw training captions.
+def diversity(captions, train_captions, vocab):
+    """Novel, Unique (% of all generated captions) and Vocab (Sec. 3.3), as the authors count them
+    (misc/utils.py, analyze_length_novel_unique): Novel = distinct generated captions that are not a
+    training caption (whose out-of-vocabulary words read <unk>); Unique = distinct ones; Vocab = words used.
     """
-    norm = [" ".join(tokenize(c)) for c in captions]
-    seen = {" ".join(tokenize(c)) for c in train_captions}
-    n = max(len(norm), 1)
-    return {"Novel": 100 * sum(c not in seen for c in norm) / n, "Unique": 100 * len(set(norm)) / n,
-            "Vocab": len({w for c in norm for w in c.split()})}
+    known = set(vocab)
+    seen = {" ".join(w if w in known else vocab[UNK] for w in tokenize(c)) for c in train_captions}
+    distinct, n = set(captions), max(len(captions), 1)
+    return {"Novel": 100 * len(distinct - seen) / n, "Unique": 100 * len(distinct) / n,
+            "Vocab": len({w for c in captions for w in c.split()})}
 
 
 def mean_average_precision(probs, labels):
     """mAP: per video, AP of its K probabilities against its multi-hot labels; mean over videos with a positive.
 
     AP = mean over the positive attributes of the precision at their rank (ranks by descending probability).
+    The authors (misc/Crit/crit_attribute.py) clamp the probabilities to [0.01, 0.99] first, so that ties
+    are ranked in torch.sort's order; here they are not clamped (README, differences).
     """
     probs, labels = probs.float().cpu(), labels.float().cpu()
     order = probs.argsort(dim=1, descending=True, stable=True)
@@ -610,6 +858,370 @@ def mean_average_precision(probs, labels):
     return 100 * ap[has_pos].mean().item() if has_pos.any() else float("nan")
 
 
+def top_attributes(probs, attributes, k=10):
+    """(K,) attribute probabilities -> [[word, p]] for the k most probable, p rounded to 4 decimals."""
+    p, idx = probs.topk(min(k, probs.numel()))
+    return [[attributes[j], round(q, 4)] for q, j in zip(p.tolist(), idx.tolist())]
+
+
+@torch.no_grad()
+def evaluate(model, split, vocab, attributes, train_captions, beam_size=5, batch_size=100, meteor=True,
+             tokenized_refs=None, progress=True, n_frames=None, clip_text=None):
+    """Generate captions for a split and score them -> (metrics, per-video results).
+
+    n_frames: evaluate with fewer, uniformly resampled frames (the sparse-sampling robustness test, Fig. 7).
+    clip_text: CLIP's text tower (load_clipscore_model) -> CLIPScore and RefCLIPScore too (not in the paper).
+    """
+    model.eval()
+    V = len(split.ids)
+    feats = split.feats
+    if n_frames is not None:
+        idx = torch.as_tensor(extract.sample_indices(next(iter(feats.values())).size(1), n_frames))
+        feats = {m: x[:, idx.to(x.device)] for m, x in feats.items()}
+    texts, vap_probs, tap_probs = [], [], []
+    for i in tqdm(range(0, V, batch_size), desc="decoding", leave=False, disable=not progress):
+        batch = {m: x[i:i + batch_size] for m, x in feats.items()}
+        out = model.generate(batch, beam_size=beam_size)
+        texts += [decode_caption(row.tolist(), vocab) for row in out]
+        if model.cfg.vap:
+            vap_probs.append(model.predict_attributes(batch).cpu())
+    metrics = caption_scores({i: r for i, r in enumerate(split.refs)}, dict(enumerate(texts)),
+                             tokenized_refs, meteor)
+    metrics.update(diversity(texts, train_captions, vocab))
+    if clip_text is not None:
+        metrics.update(clip_scores(texts, split.refs, split.feats["image"], clip_text))
+    if model.cfg.vap:
+        vap_probs = torch.cat(vap_probs)
+        metrics["mAP-VAP"] = mean_average_precision(vap_probs, split.labels)
+    if model.cfg.tap:  # TAP from every ground-truth caption (the authors: the first one), AP over all pairs
+        for i in range(0, len(split.tokens), 1000):
+            tap_probs.append(model.predict_attributes(captions=split.tokens[i:i + 1000]).cpu())
+        metrics["mAP-TAP"] = mean_average_precision(torch.cat(tap_probs), split.labels[split.pair_video].cpu())
+    results = []
+    for v in range(V):
+        item = {"video_id": split.ids[v], "caption": texts[v]}
+        if model.cfg.vap:
+            item["attributes"] = top_attributes(vap_probs[v], attributes)
+        results.append(item)
+    return metrics, results
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+METRIC_COLUMNS = ["BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "Meta-Sum", "Novel", "Unique", "Vocab", "mAP-VAP", "mAP-TAP",
+                  "CLIPScore", "RefCLIPScore"]
+
+
+def format_table(rows, title):
+    """rows: {name: {metric: value or (mean, std)}} -> a Markdown table."""
+    cols = [c for c in METRIC_COLUMNS if any(c in r for r in rows.values())]
+    fmt = lambda v: "-" if v is None else (f"{v[0]:.1f} ± {v[1]:.1f}" if isinstance(v, tuple) else
+                                           f"{v:.1f}" if isinstance(v, float) else str(v))
+    lines = [title, "", "| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    lines += ["| " + name + " | " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for name, r in rows.items()]
+    return "\n".join(lines)
+
+
+def number(kind, minimum):
+    """An argparse type: a number >= minimum (exit 2 with a clear message otherwise)."""
+    def parse(text):
+        value = kind(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text}")
+        return value
+    return parse
+
+
+def get_args(argv=None):
+    count, positive = number(int, 1), number(float, 1e-12)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Defaults: the paper's recipe (Recipe in train.py); VATEX and the toy override "
+                                       "a few (DATASET_RECIPES).")
+    p.add_argument("--dataset", default="toy", choices=["toy", "msrvtt", "vatex"])
+    p.add_argument("--data", help="annotation directory (msrvtt, vatex)")
+    p.add_argument("--feats", help="image=PATH[,motion=PATH][,audio=PATH]: dirs of <video_id>.npy or HDF5 files")
+    p.add_argument("--task", choices=list(TASKS), help="default dap (toy: base and dap, side by side)")
+    p.add_argument("--epochs", type=count)
+    p.add_argument("--batch_size", type=count)
+    p.add_argument("--lr", type=positive)
+    p.add_argument("--weight_decay", type=number(float, 0))
+    p.add_argument("--d_model", type=count)
+    p.add_argument("--beam_size", type=count)
+    p.add_argument("--n_frames", type=count)
+    p.add_argument("--n_attributes", type=count)
+    p.add_argument("--attr_pos", action="store_true", help="attributes: nouns, verbs, adjectives only (nltk tagger)")
+    p.add_argument("--no_sparse_sampling", action="store_true")
+    p.add_argument("--seed", type=number(int, 0))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", help="output directory (default out/<dataset>-<task>-seed<seed>; --eval_only: "
+                   "<ckpt dir>/eval)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
+    p.add_argument("--eval_only", action="store_true")
+    p.add_argument("--ckpt", help="checkpoint (best.pt or last.pt) for --eval_only or --caption")
+    p.add_argument("--caption", nargs="+", metavar="VIDEO",
+                   help="caption these video files with --ckpt: features from the backbones the run was trained on")
+    p.add_argument("--json", action="store_true", help="--caption: print a JSON list")
+    p.add_argument("--no_progress", action="store_true")
+    p.add_argument("--clipscore", action="store_true",
+                   help="also report CLIPScore and RefCLIPScore (Hessel et al. 2021; not in the paper); needs "
+                        "image features written by extract.py with a CLIP backbone and that checkpoint")
+    p.add_argument("--weights", help="the CLIP checkpoint for --clipscore; for --caption, image=PATH[,motion=PATH]"
+                   "[,audio=PATH] or one PATH for image (default: extract.py's cached downloads)")
+    p.add_argument("--threads", type=count, help="CPU threads for torch (default: 1 for the toy model on CPU, whose "
+                   "small matrices gain little from more and slow down badly when cores are shared; else torch's)")
+    toy = p.add_argument_group("toy dataset (SYNTHETIC)")
+    toy.add_argument("--backbone", default="clip", choices=list(TOY_BACKBONES), help="simulated backbone")
+    toy.add_argument("--toy_train", type=count, default=TOY_SIZES["n_train"])
+    toy.add_argument("--toy_val", type=count, default=TOY_SIZES["n_val"])
+    toy.add_argument("--toy_test", type=count, default=TOY_SIZES["n_test"])
+    toy.add_argument("--toy_seed", type=number(int, 0), help="seed of the toy data (default: --seed)")
+    toy.add_argument("--table", action="store_true", help="toy Base/VAP/TAP/DAP over --seeds, mean ± std")
+    toy.add_argument("--seeds", type=number(int, 0), nargs="+", default=[0, 1, 2])
+    toy.add_argument("--study", action="store_true", help="the toy study of notebook 04 -> --out (default "
+                     "notebooks/toy_study.json); resumable")
+    args = p.parse_args(argv)
+    if args.dataset != "toy" and not (args.data and args.feats):
+        p.error(f"--dataset {args.dataset} needs --data DIR (annotations) and --feats image=DIR[,motion=DIR][,audio=DIR]")
+    if (args.table or args.study) and args.dataset != "toy":
+        p.error("--table and --study run on the synthetic toy dataset only")
+    if args.clipscore and args.dataset == "toy":
+        p.error("--clipscore needs real CLIP image features: --dataset msrvtt|vatex --feats image=DIR (extract.py)")
+    if (args.eval_only or args.caption) and not args.ckpt:
+        p.error("--eval_only and --caption need --ckpt out/RUN/best.pt")
+    sparse = False if args.no_sparse_sampling else None
+    args.recipe = recipe_for(args.dataset, sparse_sampling=sparse,
+                             **{f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe) if hasattr(args, f.name)})
+    if args.threads is None and args.dataset == "toy" and args.device == "cpu" and not args.caption:
+        args.threads = 1
+    return args
+
+
+def load_data(args, vocab=None, attributes=None, log=print):
+    """Dataset, features, vocabulary and attributes for args -> (dataset, {split: Split}, vocab, attributes)."""
+    recipe = args.recipe
+    if args.dataset == "toy":
+        ds = make_toy(seed=recipe.seed if args.toy_seed is None else args.toy_seed, n_train=args.toy_train,
+                      n_val=args.toy_val, n_test=args.toy_test, n_frames=recipe.n_frames, backbone=args.backbone)
+        feats = ds.feats
+        log(f"toy dataset: SYNTHETIC, backbone {ds.meta['backbone']}, "
+            + ", ".join(f"{s} {len(ds.splits[s])}" for s in SPLITS) + " videos")
+    else:
+        ds = drop_uncaptioned(load_msrvtt(args.data) if args.dataset == "msrvtt" else load_vatex(args.data), log)
+        feats, kept = load_features(parse_feats(args.feats), ds.all_ids, recipe.n_frames,
+                                    missing="drop" if args.dataset == "vatex" else "error", log=log)
+        ds = subset(ds, kept)
+    if vocab is None:
+        captions = training_captions(ds)
+        vocab = build_vocab(captions)
+        attributes = build_attributes(captions, vocab, recipe.n_attributes, args.attr_pos, log)
+    log(f"vocabulary {len(vocab)} words, {len(attributes)} attributes")
+    return ds, prepare(ds, feats, vocab, attributes), vocab, attributes
+
+
+def run(args, task, log=print):
+    """One experiment: data -> train (or load) -> test evaluation -> out/<run>/; returns (metrics, results).
+
+    Everything is checked before anything is written: a refused --resume leaves the run as it was.
+    """
+    recipe = args.recipe
+    torch.manual_seed(recipe.seed)
+    if args.eval_only:
+        model, vocab, attributes, _ = load_checkpoint(args.ckpt, args.device)
+        task = task_of(model.cfg)
+    ds, data, vocab, attributes = load_data(args, *((vocab, attributes) if args.eval_only else ()), log=log)
+    dims = {m: x.size(-1) for m, x in data["train"].feats.items()}
+    clip_text = None  # checked before training, so that a wrong checkpoint fails fast
+    if args.clipscore:
+        clip_text = load_clipscore_model(parse_feats(args.feats)["image"], args.weights, args.device)
+    out_dir = Path(args.out or (Path(args.ckpt).parent / "eval" if args.eval_only
+                                else Path("out") / f"{args.dataset}-{task}-seed{recipe.seed}"))
+    if args.eval_only:
+        if dims != model.cfg.feature_dims:
+            raise ValueError(f"{args.ckpt} takes features {model.cfg.feature_dims} (modality: dimension), but the data "
+                             f"give {dims}: evaluate it on the features it was trained on")
+    else:
+        cfg = model_config(task, recipe, dims, vocab, attributes)
+        config = {"task": task, "recipe": dataclasses.asdict(recipe), "model": dataclasses.asdict(cfg),
+                  "data": {k: getattr(args, k) for k in ("dataset", "data", "feats", "attr_pos", "backbone", "toy_train",
+                                                         "toy_val", "toy_test", "toy_seed")},
+                  "synthetic": ds.synthetic, "features": None if ds.synthetic else feature_provenance(parse_feats(args.feats))}
+        state = None
+        if args.resume and (out_dir / "config.json").is_file():  # the same run, perhaps with more epochs
+            before = read_meta(out_dir / "config.json")
+            same = lambda c: [c.get("task"), {**c.get("recipe", {}), "epochs": 0}, c.get("model"), c.get("data")]
+            differ = [k for k, a, b in zip(("task", "recipe", "model", "data"), same(before), same(config)) if a != b]
+            if differ:
+                raise ValueError(f"--resume: {out_dir} holds a run with other {' and '.join(differ)} settings "
+                                 f"(see its config.json): give the same options, or another --out")
+        state = resume_state(out_dir, cfg, log) if args.resume else None
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name, obj in [("config.json", config), ("vocab.json", vocab), ("attributes.json", attributes)]:
+            write_json(out_dir / name, obj)
+        torch.manual_seed(recipe.seed)
+        model = dap.CaptionModel(cfg).to(args.device)
+        log(f"{task}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {recipe.epochs} epochs, "
+            f"{len(data['train'].tokens)} training pairs")
+        t0 = time.time()
+        data = {s: d.to(args.device) for s, d in data.items()}
+        history = train(model, data, vocab, attributes, recipe, out_dir, state, progress=not args.no_progress, log=log)
+        train_time = time.time() - t0
+    test = data["test"].to(args.device)
+    metrics, results = evaluate(model, test, vocab, attributes, [c for refs in data["train"].refs for c in refs],
+                                recipe.beam_size, progress=not args.no_progress, clip_text=clip_text)
+    title = f"{args.dataset} test set" + (f" — SYNTHETIC toy data, {ds.meta['backbone']} backbone" if ds.synthetic else "")
+    log(format_table({task: metrics}, title))  # printed first: a full disk below loses no result
+    record = {"dataset": args.dataset, "synthetic": ds.synthetic, "task": task, "split": "test",
+              "n_videos": len(test.ids), **metrics, **({"backbone": ds.meta["backbone"]} if ds.synthetic else {})}
+    if not args.eval_only:
+        record.update(train_time_s=round(train_time, 1), history=history)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "metrics.json", record)
+    write_json(out_dir / "captions.json", results)
+    log(f"outputs in {out_dir}/")
+    return metrics, results
+
+
+def main(argv=None):
+    args = get_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        if args.caption:
+            return run_caption(args)
+        if args.table or args.study:
+            return run_study(args) if args.study else run_table(args)
+        if args.dataset == "toy" and args.task is None and not args.eval_only:
+            return run_toy_comparison(args)
+        return run(args, args.task or "dap")[0]
+    except (ValueError, OSError, ImportError) as e:  # bad input: one line naming what is wrong, exit 1
+        raise SystemExit(f"error: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Captioning new video files (--caption): each video goes through the backbones that wrote the training
+# features (recorded in config.json from extract.py's meta.json), then beam search and the VAP APNet.
+
+
+def parse_weights(spec):
+    """--weights for --caption: 'image=PATH[,motion=PATH][,audio=PATH]', or one PATH (the image backbone's)."""
+    parts = [part.strip() for part in (spec or "").split(",") if part.strip()]
+    if parts and all(re.match(r"(image|motion|audio)=", part) for part in parts):
+        return dict(part.split("=", 1) for part in parts)
+    return {"image": spec} if spec else {}
+
+
+def load_captioner(ckpt_path, weights=None, device="cpu"):
+    """A best.pt and the backbones its features came from -> (model, vocab, attributes, extractors, n_frames).
+
+    extractors: {modality: (backbone, extract.Backbone spec, meta)}. Each backbone's weights (from --weights
+    or extract.py's cache) must have the SHA-256 of those that wrote the training features.
+    """
+    config_path = Path(ckpt_path).parent / "config.json"
+    if not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"--ckpt {ckpt_path}: no such file")
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found: --caption reads the config.json that train.py writes "
+                                "next to best.pt (it names the backbones that made the training features)")
+    config = read_meta(config_path)
+    if config.get("synthetic"):
+        raise ValueError(f"{ckpt_path} was trained on the SYNTHETIC toy dataset: its features are simulated, so no "
+                         "backbone can compute them from a video. Caption with a model trained on features from "
+                         "extract.py (--dataset msrvtt|vatex --feats image=DIR,...)")
+    model, vocab, attributes, _ = load_checkpoint(ckpt_path, device)
+    provenance = config.get("features") or feature_provenance(parse_feats(config["data"]["feats"]))
+    weights = parse_weights(weights)
+    if set(weights) - set(model.cfg.feature_dims):
+        raise ValueError(f"--weights names {sorted(set(weights) - set(model.cfg.feature_dims))}, but {ckpt_path} "
+                         f"takes only {sorted(model.cfg.feature_dims)} features")
+    extractors = {}
+    for m, dim in model.cfg.feature_dims.items():
+        meta = provenance.get(m)
+        if meta is None:
+            raise ValueError(f"{ckpt_path} was trained on {m} features without extract.py's meta.json (e.g. the "
+                             f"authors' HDF5 files): the backbone that made them is unknown, so they cannot be "
+                             f"extracted from a new video. Train on {m} features written by extract.py")
+        try:
+            backbone, spec, sha = extract.load_backbone(meta["backbone"], weights.get(m), device)
+        except (ValueError, RuntimeError, FileNotFoundError) as e:
+            raise RuntimeError(f"{ckpt_path} needs {m} features from the {meta['backbone']} backbone, whose weights "
+                               f"could not be loaded: {str(e).rstrip('.')}. With --caption, give them as "
+                               f"--weights {m}=PATH (several modalities: --weights image=PATH,motion=PATH,audio=PATH)"
+                               ) from None
+        if sha != meta["weights_sha256"]:
+            raise ValueError(f"the {m} backbone {meta['backbone']}: weights {weights.get(m) or '(cached download)'} "
+                             f"have SHA-256 {sha}, but the training features were extracted with weights of SHA-256 "
+                             f"{meta['weights_sha256']}; features from other weights do not match the model: pass "
+                             f"the checkpoint that wrote them with --weights {m}=PATH")
+        if backbone.output_dim != dim:
+            raise ValueError(f"the {m} backbone gives {backbone.output_dim}-d features; the model takes {dim}-d")
+        extractors[m] = (backbone, spec, meta)
+    return model, vocab, attributes, extractors, config["recipe"]["n_frames"]
+
+
+def video_features(path, extractors, n_frames, device="cpu"):
+    """One video file -> {modality: (1, N, D)}: what extract.py and load_features give for a training video."""
+    feats = {}
+    for m, (backbone, spec, meta) in extractors.items():
+        samples = extract.decode_video(path, meta["frames"], spec)  # T = the training run's frames per video
+        x = (np.zeros((len(samples), backbone.output_dim), np.float32) if isinstance(samples, extract.Silent)
+             else extract.encode_samples(backbone, spec, samples, device, dtype=meta["dtype"]))  # (T, D)
+        x = x[extract.sample_indices(len(x), n_frames)]                              # (N, D)
+        feats[m] = torch.from_numpy(x).to(device)[None]                             # (1, N, D)
+    return feats
+
+
+@torch.no_grad()
+def caption_video(path, model, vocab, attributes, extractors, n_frames, beam_size=5):
+    """One video file -> {video, caption, attributes: top-10 [word, p] (None without VAP), seconds}."""
+    t0 = time.time()
+    feats = video_features(path, extractors, n_frames, next(model.parameters()).device)
+    tokens = model.generate(feats, beam_size=beam_size)[0]
+    result = {"video": str(path), "caption": decode_caption(tokens.tolist(), vocab), "attributes": None}
+    if model.cfg.vap:
+        result["attributes"] = top_attributes(model.predict_attributes(feats)[0].cpu(), attributes)
+    result["seconds"] = round(time.time() - t0, 3)
+    return result
+
+
+def caption_videos(videos, ckpt_path, weights=None, device="cpu", beam_size=5):
+    """Yield caption_video's result for each video file; a bad video yields {video, error} and the rest go on."""
+    loaded = load_captioner(ckpt_path, weights, device)
+    for path in videos:
+        try:
+            yield caption_video(path, *loaded, beam_size=beam_size)
+        except Exception as e:  # noqa: BLE001 - one bad video fails alone, with its reason
+            yield {"video": str(path), "error": extract.failure_reason(e)}
+
+
+def format_caption(result):
+    """One video's result as text: the caption, the top-10 attributes with probabilities, the time taken."""
+    attrs = ("unavailable (the model has no VAP APNet)" if result["attributes"] is None
+             else ", ".join(f"{w} {p:.2f}" for w, p in result["attributes"]))
+    return f"{result['video']} ({result['seconds']:.2f} s)\n  caption: {result['caption']}\n  attributes: {attrs}"
+
+
+def run_caption(args):
+    """--caption: print each video's result (or a JSON list with --json); exit status 1 if any video failed."""
+    results = []
+    try:
+        for r in caption_videos(args.caption, args.ckpt, args.weights, args.device, args.recipe.beam_size):
+            results.append(r)
+            if "error" in r:
+                print(f"error: {r['video']}: {r['error']}", file=sys.stderr)
+            elif not args.json:
+                print(format_caption(r), flush=True)
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if args.json:
+        print(json.dumps(results, indent=1))
+    failed = [r["video"] for r in results if "error" in r]
+    if failed:
+        raise SystemExit(f"{len(failed)} of {len(results)} videos failed: {', '.join(failed)}")
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
 # CLIPScore and RefCLIPScore (Hessel et al., EMNLP 2021), an addition beyond the paper (--clipscore):
 # reference-free caption quality from CLIP's text tower (extract.py) and the CLIP image features. A video's
 # image embedding is the mean of its frame embeddings. Reported x100, like the other metrics.
@@ -680,454 +1292,23 @@ def load_clipscore_model(image_feats_dir, weights=None, device="cpu"):
     return model
 
 
-def top_attributes(probs, attributes, k=10):
-    """(K,) attribute probabilities -> [[word, p]] for the k most probable, p rounded to 4 decimals."""
-    p, idx = probs.topk(min(k, probs.numel()))
-    return [[attributes[j], round(q, 4)] for q, j in zip(p.tolist(), idx.tolist())]
-
-
-@torch.no_grad()
-def evaluate(model, split, vocab, attributes, train_captions, beam_size=5, batch_size=100, meteor=True,
-             tokenized_refs=None, progress=True, n_frames=None, clip_text=None):
-    """Generate captions for a split and score them -> (metrics, per-video results).
-
-    n_frames: evaluate with fewer, uniformly resampled frames (the sparse-sampling robustness test, Fig. 7).
-    clip_text: CLIP's text tower (load_clipscore_model) -> CLIPScore and RefCLIPScore too (not in the paper).
-    """
-    model.eval()
-    V = len(split.ids)
-    feats = split.feats
-    if n_frames is not None:
-        idx = torch.tensor(resample_indices(next(iter(feats.values())).size(1), n_frames))
-        feats = {m: x[:, idx.to(x.device)] for m, x in feats.items()}
-    texts, vap_probs, tap_probs = [], [], []
-    for i in tqdm(range(0, V, batch_size), desc="decoding", leave=False, disable=not progress):
-        batch = {m: x[i:i + batch_size] for m, x in feats.items()}
-        out = model.generate(batch, beam_size=beam_size)
-        texts += [decode_caption(row.tolist(), vocab) for row in out]
-        if model.cfg.vap:
-            vap_probs.append(model.predict_attributes(batch).cpu())
-    metrics = caption_scores({i: r for i, r in enumerate(split.refs)}, dict(enumerate(texts)),
-                             tokenized_refs, meteor)
-    metrics.update(diversity(texts, train_captions))
-    if clip_text is not None:
-        metrics.update(clip_scores(texts, split.refs, split.feats["image"], clip_text))
-    if model.cfg.vap:
-        vap_probs = torch.cat(vap_probs)
-        metrics["mAP-VAP"] = mean_average_precision(vap_probs, split.labels)
-    if model.cfg.tap:  # TAP from each ground-truth caption; AP averaged over all (video, caption) pairs
-        for i in range(0, len(split.tokens), 1000):
-            tap_probs.append(model.predict_attributes(captions=split.tokens[i:i + 1000]).cpu())
-        metrics["mAP-TAP"] = mean_average_precision(torch.cat(tap_probs), split.labels[split.pair_video].cpu())
-    results = []
-    for v in range(V):
-        item = {"video_id": split.ids[v], "caption": texts[v]}
-        if model.cfg.vap:
-            item["attributes"] = top_attributes(vap_probs[v], attributes)
-        results.append(item)
-    return metrics, results
-
-
 # ----------------------------------------------------------------------------------------------
-# Training (Sec. 4.3): Adam, lr 5e-4 * 0.9^epoch down to 1e-6, weight decay 1e-3, batches of 64
-# video-caption pairs, validation by beam search every epoch, best Meta-Sum kept.
-
-TASKS = {"base": (False, False), "vap": (True, False), "tap": (False, True), "dap": (True, True)}
-TOY_DEFAULTS = dict(d_model=128, epochs=12, lr=2e-3, toy_train=400, toy_val=50, toy_test=200)  # < 5 min on 2 CPU cores
+# The toy comparisons: Base vs DAP (the default run), Base/VAP/TAP/DAP over seeds (--table), the study (--study)
 
 
-def make_config(task, feature_dims, vocab_size, n_attributes, d_model=512, sparse_sampling=True, **kw):
-    """A dap.Config for task base | vap | tap | dap."""
-    vap, tap = TASKS[task]
-    return dap.Config(feature_dims=dict(feature_dims), vocab_size=vocab_size, n_attributes=n_attributes,
-                      d_model=d_model, vap=vap, tap=tap, sparse_sampling=sparse_sampling, **kw)
-
-
-def save_atomic(obj, path):
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, device="cpu"):
-    """A best.pt checkpoint -> (model, vocab, attributes, checkpoint dict)."""
-    ckpt = torch.load(path, map_location=device, weights_only=True)
-    model = dap.CaptionModel(dap.Config(**ckpt["config"])).to(device)
-    model.load_state_dict(ckpt["state_dict"])
-    model.eval()
-    return model, ckpt["vocab"], ckpt["attributes"], ckpt
-
-
-def train(model, data, vocab, attributes, epochs=50, batch_size=64, lr=5e-4, weight_decay=1e-3, lr_decay=0.9,
-          min_lr=1e-6, beam_size=5, seed=0, out_dir=None, resume=False, progress=True, log=print,
-          on_epoch_end=None, validate=True, meteor=True):
-    """Train model on data["train"], validate on data["val"] each epoch; returns history, keeps the best weights.
-
-    out_dir: writes last.pt (every epoch, for --resume) and best.pt (best validation Meta-Sum).
-    on_epoch_end(epoch, history) is called after each epoch (notebooks: plots; tests: interruption).
-    """
-    train_split, val_split = data["train"], data["val"]
-    device = next(model.parameters()).device
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    train_captions = [c for refs in train_split.refs for c in refs]
-    val_refs = coco_tokenize({i: r for i, r in enumerate(val_split.refs)}) if validate else None
-    history, best_score, best_state, start = [], -math.inf, None, 0
-    out_dir = Path(out_dir) if out_dir else None
-    if out_dir:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    if resume and out_dir and (out_dir / "last.pt").exists():
-        last = torch.load(out_dir / "last.pt", map_location=device, weights_only=True)
-        if last["config"] != dataclasses.asdict(model.cfg):
-            raise ValueError(f"{out_dir / 'last.pt'} was trained with a different configuration; "
-                             "use another --out or the same options")
-        model.load_state_dict(last["state_dict"])
-        optimizer.load_state_dict(last["optimizer"])
-        history, best_score, best_state, start = last["history"], last["best_score"], last["best_state"], last["epoch"] + 1
-        torch.set_rng_state(last["rng"].cpu())
-        if "cuda_rng" in last and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([r.cpu() for r in last["cuda_rng"]])
-        log(f"resuming from {out_dir / 'last.pt'} after epoch {last['epoch'] + 1} of {epochs}")
-    elif resume:
-        log(f"--resume: no checkpoint in {out_dir}, starting from scratch")
-    n_pairs = len(train_split.tokens)
-    for epoch in range(start, epochs):
-        t0 = time.time()
-        for group in optimizer.param_groups:  # lr decays by 0.9 every epoch, floored at 1e-6
-            group["lr"] = max(lr * lr_decay ** epoch, min_lr)
-        model.train()
-        order = torch.randperm(n_pairs, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
-        sums, steps = Counter(), 0
-        bar = tqdm(range(0, n_pairs, batch_size), desc=f"epoch {epoch + 1}/{epochs}", leave=False, disable=not progress)
-        for i in bar:
-            pairs = order[i:i + batch_size].to(device)
-            videos = train_split.pair_video[pairs]
-            caps = train_split.tokens[pairs]
-            caps = caps[:, :int((caps != PAD).sum(1).max())]                     # (B, T) trimmed to the longest
-            feats = {m: x[videos] for m, x in train_split.feats.items()}           # (B, N, D) per modality
-            out = model(feats, caps, train_split.labels[videos])                  # Eq. 12
-            optimizer.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            optimizer.step()
-            sums.update({k: v.item() for k, v in out.items()})
-            steps += 1
-            bar.set_postfix(loss=f"{out['loss'].item():.3f}")
-        record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **{k: v / steps for k, v in sums.items()}}
-        if validate:
-            metrics, _ = evaluate(model, val_split, vocab, attributes, train_captions, beam_size=beam_size,
-                                  tokenized_refs=val_refs, progress=progress, meteor=meteor)
-            record.update({f"val_{k}": v for k, v in metrics.items()})
-            score = metrics["Meta-Sum"]
-        else:
-            score = epoch  # without validation the last epoch is kept
-        record["time_s"] = time.time() - t0
-        history.append(record)
-        if score > best_score:
-            best_score, best_state = score, {k: v.detach().clone() for k, v in model.state_dict().items()}
-            if out_dir:
-                save_atomic({"config": dataclasses.asdict(model.cfg), "state_dict": best_state, "vocab": list(vocab),
-                             "attributes": list(attributes), "epoch": epoch + 1, "val_meta_sum": score},
-                            out_dir / "best.pt")
-        log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
-                     if k in ("epoch", "loss", "cap", "vap", "tap", "val_Meta-Sum", "val_mAP-VAP", "time_s")))
-        if out_dir:
-            save_atomic({"config": dataclasses.asdict(model.cfg), "state_dict": model.state_dict(),
-                         "optimizer": optimizer.state_dict(), "history": history, "best_score": best_score,
-                         "best_state": best_state, "epoch": epoch, "rng": torch.get_rng_state(),
-                         **({"cuda_rng": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})},
-                        out_dir / "last.pt")
-        if on_epoch_end:
-            on_epoch_end(epoch, history)
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    return history
-
-
-def train_model(task, data, vocab, attributes, epochs=TOY_DEFAULTS["epochs"], d_model=TOY_DEFAULTS["d_model"],
-                lr=TOY_DEFAULTS["lr"], seed=0, device="cpu", sparse_sampling=True, **train_kw):
-    """Build and train a model for task base | vap | tap | dap on prepared data -> (model, history)."""
-    torch.manual_seed(seed)
-    dims = {m: x.size(-1) for m, x in data["train"].feats.items()}
-    model = dap.CaptionModel(make_config(task, dims, len(vocab), len(attributes), d_model, sparse_sampling)).to(device)
-    data = {s: d.to(device) for s, d in data.items()}
-    history = train(model, data, vocab, attributes, epochs=epochs, lr=lr, seed=seed, **train_kw)
-    return model, history
-
-
-# ----------------------------------------------------------------------------------------------
-# Captioning new video files (--caption): each video goes through the backbones that wrote the training
-# features (recorded in config.json from extract.py's meta.json), then beam search and the VAP APNet.
-
-
-def parse_weights(spec):
-    """--weights for --caption: 'image=PATH[,motion=PATH][,audio=PATH]', or one PATH (the image backbone's)."""
-    parts = [part.strip() for part in (spec or "").split(",") if part.strip()]
-    if parts and all(re.match(r"(image|motion|audio)=", part) for part in parts):
-        return dict(part.split("=", 1) for part in parts)
-    return {"image": spec} if spec else {}
-
-
-def load_captioner(ckpt_path, weights=None, device="cpu"):
-    """A best.pt and the backbones its features came from -> (model, vocab, attributes, extractors, n_frames).
-
-    extractors: {modality: (backbone, extract.Backbone spec, meta)}. Each backbone's weights (from --weights
-    or extract.py's cache) must have the SHA-256 of those that wrote the training features.
-    """
-    import extract
-    config_path = Path(ckpt_path).parent / "config.json"
-    if not Path(ckpt_path).is_file():
-        raise FileNotFoundError(f"--ckpt {ckpt_path}: no such file")
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} not found: --caption reads the config.json that train.py writes "
-                                "next to best.pt (it names the backbones that made the training features)")
-    config = json.loads(config_path.read_text())
-    if config.get("synthetic"):
-        raise ValueError(f"{ckpt_path} was trained on the SYNTHETIC toy dataset: its features are simulated, so no "
-                         "backbone can compute them from a video. Caption with a model trained on features from "
-                         "extract.py (--dataset msrvtt|vatex --feats image=DIR,...)")
-    model, vocab, attributes, _ = load_checkpoint(ckpt_path, device)
-    provenance = config.get("features") or feature_provenance(parse_feats(config["args"]["feats"]))  # older runs
-    weights = parse_weights(weights)
-    if set(weights) - set(model.cfg.feature_dims):
-        raise ValueError(f"--weights names {sorted(set(weights) - set(model.cfg.feature_dims))}, but {ckpt_path} "
-                         f"takes only {sorted(model.cfg.feature_dims)} features")
-    extractors = {}
-    for m, dim in model.cfg.feature_dims.items():
-        meta = provenance.get(m)
-        if meta is None:
-            raise ValueError(f"{ckpt_path} was trained on {m} features without extract.py's meta.json (e.g. the "
-                             f"authors' HDF5 files): the backbone that made them is unknown, so they cannot be "
-                             f"extracted from a new video. Train on {m} features written by extract.py")
-        try:
-            backbone, spec, sha = extract.load_backbone(meta["backbone"], weights.get(m), device)
-        except (ValueError, RuntimeError, FileNotFoundError) as e:
-            raise RuntimeError(f"{ckpt_path} needs {m} features from the {meta['backbone']} backbone, whose weights "
-                               f"could not be loaded: {str(e).rstrip('.')}. With --caption, give them as "
-                               f"--weights {m}=PATH (several modalities: --weights image=PATH,motion=PATH,audio=PATH)"
-                               ) from None
-        if sha != meta["weights_sha256"]:
-            raise ValueError(f"the {m} backbone {meta['backbone']}: weights {weights.get(m) or '(cached download)'} "
-                             f"have SHA-256 {sha}, but the training features were extracted with weights of SHA-256 "
-                             f"{meta['weights_sha256']}; features from other weights do not match the model: pass "
-                             f"the checkpoint that wrote them with --weights {m}=PATH")
-        if backbone.output_dim != dim:
-            raise ValueError(f"the {m} backbone gives {backbone.output_dim}-d features; the model takes {dim}-d")
-        extractors[m] = (backbone, spec, meta)
-    return model, vocab, attributes, extractors, config["args"]["n_frames"]
-
-
-def video_features(path, extractors, n_frames, device="cpu"):
-    """One video file -> {modality: (1, N, D)}: what extract.py and load_features give for a training video."""
-    import extract
-    feats = {}
-    for m, (backbone, spec, meta) in extractors.items():
-        samples = extract.decode_video(path, meta["frames"], spec)  # T = the training run's frames per video
-        x = (np.zeros((len(samples), backbone.output_dim), np.float32) if isinstance(samples, extract.Silent)
-             else extract.encode_samples(backbone, spec, samples, device, dtype=meta["dtype"]))  # (T, D)
-        x = x[resample_indices(len(x), n_frames)]                                   # (N, D)
-        feats[m] = torch.from_numpy(x).to(device)[None]                             # (1, N, D)
-    return feats
-
-
-@torch.no_grad()
-def caption_video(path, model, vocab, attributes, extractors, n_frames, beam_size=5):
-    """One video file -> {video, caption, attributes: top-10 [word, p] (None without VAP), seconds}."""
-    t0 = time.time()
-    feats = video_features(path, extractors, n_frames, next(model.parameters()).device)
-    tokens = model.generate(feats, beam_size=beam_size)[0]
-    result = {"video": str(path), "caption": decode_caption(tokens.tolist(), vocab), "attributes": None}
-    if model.cfg.vap:
-        result["attributes"] = top_attributes(model.predict_attributes(feats)[0].cpu(), attributes)
-    result["seconds"] = round(time.time() - t0, 3)
-    return result
-
-
-def caption_videos(videos, ckpt_path, weights=None, device="cpu", beam_size=5):
-    """Yield caption_video's result for each video file; a bad video yields {video, error} and the rest go on."""
-    import extract
-    loaded = load_captioner(ckpt_path, weights, device)
-    for path in videos:
-        try:
-            yield caption_video(path, *loaded, beam_size=beam_size)
-        except Exception as e:  # noqa: BLE001 - one bad video fails alone, with its reason
-            yield {"video": str(path), "error": extract.failure_reason(e)}
-
-
-def format_caption(result):
-    """One video's result as text: the caption, the top-10 attributes with probabilities, the time taken."""
-    attrs = ("unavailable (the model has no VAP APNet)" if result["attributes"] is None
-             else ", ".join(f"{w} {p:.2f}" for w, p in result["attributes"]))
-    return f"{result['video']} ({result['seconds']:.2f} s)\n  caption: {result['caption']}\n  attributes: {attrs}"
-
-
-def run_caption(args):
-    """--caption: print each video's result (or a JSON list with --json); exit status 1 if any video failed."""
-    results = []
-    try:
-        for r in caption_videos(args.caption, args.ckpt, args.weights, args.device, args.beam_size):
-            results.append(r)
-            if "error" in r:
-                print(f"error: {r['video']}: {r['error']}", file=sys.stderr)
-            elif not args.json:
-                print(format_caption(r), flush=True)
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
-    if args.json:
-        print(json.dumps(results, indent=1))
-    failed = [r["video"] for r in results if "error" in r]
-    if failed:
-        raise SystemExit(f"{len(failed)} of {len(results)} videos failed: {', '.join(failed)}")
-    return results
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line
-
-METRIC_COLUMNS = ["BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "Meta-Sum", "Novel", "Unique", "Vocab", "mAP-VAP", "mAP-TAP",
-                  "CLIPScore", "RefCLIPScore"]
-
-
-def format_table(rows, title):
-    """rows: {name: {metric: value or (mean, std)}} -> a Markdown table."""
-    cols = [c for c in METRIC_COLUMNS if any(c in r for r in rows.values())]
-    fmt = lambda v: "-" if v is None else (f"{v[0]:.1f} ± {v[1]:.1f}" if isinstance(v, tuple) else
-                                           f"{v:.1f}" if isinstance(v, float) else str(v))
-    lines = [title, "", "| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    lines += ["| " + name + " | " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for name, r in rows.items()]
-    return "\n".join(lines)
-
-
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="toy", choices=["toy", "msrvtt", "vatex"])
-    p.add_argument("--data", help="annotation directory (msrvtt, vatex)")
-    p.add_argument("--feats", help="image=PATH[,motion=PATH][,audio=PATH]: dirs of <video_id>.npy or HDF5 files")
-    p.add_argument("--task", default="dap", choices=list(TASKS))
-    p.add_argument("--epochs", type=int, help="default 50 (toy: %d)" % TOY_DEFAULTS["epochs"])
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--lr", type=float, help="default 5e-4 (toy: %g)" % TOY_DEFAULTS["lr"])
-    p.add_argument("--weight_decay", type=float, default=1e-3)
-    p.add_argument("--d_model", type=int, help="default 512 (msrvtt), 1024 (vatex), %d (toy)" % TOY_DEFAULTS["d_model"])
-    p.add_argument("--beam_size", type=int, default=5)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--n_frames", type=int, default=28)
-    p.add_argument("--n_attributes", type=int, default=500)
-    p.add_argument("--attr_pos", action="store_true", help="attributes: nouns, verbs, adjectives only (nltk tagger)")
-    p.add_argument("--no_sparse_sampling", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="output directory (default out/<dataset>-<task>-seed<seed>; --eval_only: "
-                   "<ckpt dir>/eval)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
-    p.add_argument("--eval_only", action="store_true")
-    p.add_argument("--ckpt", help="checkpoint for --eval_only or --caption")
-    p.add_argument("--caption", nargs="+", metavar="VIDEO",
-                   help="caption these video files with --ckpt: features from the backbones the run was trained on")
-    p.add_argument("--json", action="store_true", help="--caption: print a JSON list")
-    p.add_argument("--no_progress", action="store_true")
-    p.add_argument("--clipscore", action="store_true",
-                   help="also report CLIPScore and RefCLIPScore (Hessel et al. 2021; not in the paper); needs "
-                        "image features written by extract.py with a CLIP backbone and that checkpoint")
-    p.add_argument("--weights", help="the CLIP checkpoint for --clipscore; for --caption, image=PATH[,motion=PATH]"
-                   "[,audio=PATH] or one PATH for image (default: extract.py's cached downloads)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: 1 for the toy model on CPU, whose "
-                   "small matrices gain little from more and slow down badly when cores are shared; else torch's)")
-    toy = p.add_argument_group("toy dataset (SYNTHETIC)")
-    toy.add_argument("--backbone", default="clip", choices=list(TOY_BACKBONES), help="simulated backbone")
-    toy.add_argument("--toy_train", type=int, default=TOY_DEFAULTS["toy_train"])
-    toy.add_argument("--toy_val", type=int, default=TOY_DEFAULTS["toy_val"])
-    toy.add_argument("--toy_test", type=int, default=TOY_DEFAULTS["toy_test"])
-    toy.add_argument("--toy_seed", type=int, help="seed of the toy data (default: --seed)")
-    toy.add_argument("--table", action="store_true", help="toy Base/VAP/TAP/DAP over --seeds, mean ± std")
-    toy.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    args = p.parse_args(argv)
-    if args.dataset != "toy" and not args.data:
-        p.error(f"--dataset {args.dataset} needs --data DIR (annotations) and --feats")
-    if args.dataset != "toy" and not args.feats:
-        p.error(f"--dataset {args.dataset} needs --feats image=DIR[,motion=DIR][,audio=DIR]")
-    if args.clipscore and args.dataset == "toy":
-        p.error("--clipscore needs real CLIP image features: --dataset msrvtt|vatex --feats image=DIR (extract.py)")
-    if args.eval_only and not args.ckpt:
-        p.error("--eval_only needs --ckpt PATH")
-    if args.caption and not args.ckpt:
-        p.error("--caption needs --ckpt out/RUN/best.pt")
-    default_d = {"toy": TOY_DEFAULTS["d_model"], "msrvtt": 512, "vatex": 1024}[args.dataset]
-    args.d_model = args.d_model or default_d
-    args.epochs = args.epochs or (TOY_DEFAULTS["epochs"] if args.dataset == "toy" else 50)
-    args.lr = args.lr or (TOY_DEFAULTS["lr"] if args.dataset == "toy" else 5e-4)
-    if args.threads is None and args.dataset == "toy" and args.device == "cpu" and not args.caption:
-        args.threads = 1
-    return args
-
-
-def load_data(args, vocab=None, attributes=None, log=print):
-    """Dataset, features, vocabulary and attributes for args -> (dataset, {split: Split}, vocab, attributes)."""
-    if args.dataset == "toy":
-        ds = make_toy(seed=args.seed if args.toy_seed is None else args.toy_seed, n_train=args.toy_train,
-                      n_val=args.toy_val, n_test=args.toy_test, n_frames=args.n_frames, backbone=args.backbone)
-        feats = ds.feats
-        log(f"toy dataset: SYNTHETIC, backbone {ds.meta['backbone']}, "
-            + ", ".join(f"{s} {len(ds.splits[s])}" for s in SPLITS) + " videos")
-    else:
-        ds = load_msrvtt(args.data) if args.dataset == "msrvtt" else load_vatex(args.data)
-        feats, kept = load_features(parse_feats(args.feats), ds.all_ids, args.n_frames,
-                                    missing="drop" if args.dataset == "vatex" else "error", log=log)
-        ds = subset(ds, kept)
-    train_captions = [c for v in ds.splits["train"] for c in ds.captions[v]]
-    if vocab is None:
-        vocab = build_vocab(train_captions)
-        attributes = build_attributes(train_captions, vocab, args.n_attributes, args.attr_pos, log)
-    log(f"vocabulary {len(vocab)} words, {len(attributes)} attributes")
-    return ds, prepare(ds, feats, vocab, attributes), vocab, attributes
-
-
-def run(args, log=print):
-    """One experiment: data -> train (or load) -> test evaluation -> out/<run>/; returns test metrics."""
-    torch.manual_seed(args.seed)
-    run_name = f"{args.dataset}-{args.task}-seed{args.seed}"
-    default_out = Path(args.ckpt).parent / "eval" if args.eval_only else Path("out") / run_name
-    out_dir = Path(args.out or default_out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    vocab = attributes = None
-    if args.eval_only:
-        model, vocab, attributes, ckpt = load_checkpoint(args.ckpt, args.device)
-    ds, data, vocab, attributes = load_data(args, vocab, attributes, log)
-    data = {s: d.to(args.device) for s, d in data.items()}
-    clip_text = None  # checked before training, so that a wrong checkpoint fails fast
-    if args.clipscore:
-        clip_text = load_clipscore_model(parse_feats(args.feats)["image"], args.weights, args.device)
-    progress = not args.no_progress
-    if not args.eval_only:
-        dims = {m: x.size(-1) for m, x in data["train"].feats.items()}
-        cfg = make_config(args.task, dims, len(vocab), len(attributes), args.d_model, not args.no_sparse_sampling)
-        config = {"args": vars(args), "model": dataclasses.asdict(cfg), "synthetic": ds.synthetic,
-                  "features": None if ds.synthetic else feature_provenance(parse_feats(args.feats))}
-        (out_dir / "config.json").write_text(json.dumps(config, indent=2))
-        (out_dir / "vocab.json").write_text(json.dumps(vocab))
-        (out_dir / "attributes.json").write_text(json.dumps(attributes))
-        model = dap.CaptionModel(cfg).to(args.device)
-        log(f"{args.task}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {args.epochs} epochs, "
-            f"{len(data['train'].tokens)} training pairs")
-        t0 = time.time()
-        history = train(model, data, vocab, attributes, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                        weight_decay=args.weight_decay, beam_size=args.beam_size, seed=args.seed, out_dir=out_dir,
-                        resume=args.resume, progress=progress, log=log)
-        train_time = time.time() - t0
-    train_captions = [c for refs in data["train"].refs for c in refs]
-    metrics, results = evaluate(model, data["test"], vocab, attributes, train_captions, args.beam_size,
-                                progress=progress, clip_text=clip_text)
-    record = {"dataset": args.dataset, "synthetic": ds.synthetic, "task": args.task, "split": "test",
-              "n_videos": len(data["test"].ids), **metrics}
-    if ds.synthetic:
-        record["backbone"] = ds.meta["backbone"]
-    if not args.eval_only:
-        record.update(train_time_s=round(train_time, 1), history=history)
-    (out_dir / "metrics.json").write_text(json.dumps(record, indent=2))
-    (out_dir / "captions.json").write_text(json.dumps(results, indent=1))
-    title = f"{args.dataset} test set" + (f" — SYNTHETIC toy data, {ds.meta['backbone']} backbone" if ds.synthetic else "")
-    log(format_table({args.task: metrics}, title))
-    log(f"outputs in {out_dir}/")
-    return metrics
+def run_toy_comparison(args, log=print):
+    """python train.py: Base and DAP on the same SYNTHETIC toy data, side by side, and three test videos."""
+    runs = {task: run(args, task, log) for task in ("base", "dap")}
+    rows = {"Base": runs["base"][0], "DAP": runs["dap"][0]}
+    log(format_table(rows, f"SYNTHETIC toy data ({args.backbone}-like simulated backbone), test set, seed "
+                           f"{args.recipe.seed}: Base vs DAP"))
+    for base, with_dap in list(zip(runs["base"][1], runs["dap"][1]))[:3]:
+        attrs = ", ".join(f"{w} {p:.2f}" for w, p in with_dap["attributes"][:5])
+        log(f"{base['video_id']}\n  Base: {base['caption']}\n  DAP:  {with_dap['caption']}\n  DAP's top attributes: {attrs}")
+    gain = rows["DAP"]["Meta-Sum"] - rows["Base"]["Meta-Sum"]
+    log(f"On this SYNTHETIC toy DAP {'gains' if gain > 0 else 'loses'} {abs(gain):.1f} Meta-Sum over Base (one seed); "
+        "notebook 04's study shows across seeds and settings when it helps.")
+    return rows
 
 
 def run_table(args, log=print):
@@ -1137,35 +1318,23 @@ def run_table(args, log=print):
         runs = []
         for seed in args.seeds:
             a = copy.copy(args)
-            a.task, a.seed, a.table = task, seed, False
-            a.out = str(Path(args.out or "out/toy-table") / f"{task}-seed{seed}")
-            runs.append(run(a, log))
+            a.recipe, a.out = dataclasses.replace(args.recipe, seed=seed), str(Path(args.out or "out/toy-table") / f"{task}-seed{seed}")
+            runs.append(run(a, task, log)[0])
         raw[task] = runs
         rows[task.upper() if task != "base" else "Base"] = {
             k: (float(np.mean([r[k] for r in runs])), float(np.std([r[k] for r in runs])))
             for k in runs[0] if runs[0][k] is not None}
-    title = (f"SYNTHETIC toy dataset, simulated {args.backbone}-like backbone, test set, mean ± std over seeds "
-             f"{args.seeds}")
-    table = format_table(rows, title)
+    table = format_table(rows, f"SYNTHETIC toy dataset, simulated {args.backbone}-like backbone, test set, "
+                               f"mean ± std over seeds {args.seeds}")
     out = Path(args.out or "out/toy-table")
     (out / "table.md").write_text(table + "\n")
-    (out / "table.json").write_text(json.dumps(raw, indent=2))
+    write_json(out / "table.json", raw)
     log(table)
     return rows
 
 
-def main(argv=None):
-    args = get_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.caption:
-        return run_caption(args)
-    if args.table:
-        if args.dataset != "toy":
-            raise SystemExit("--table runs the synthetic toy comparison only")
-        return run_table(args)
-    return run(args)
-
+def run_study(args, log=print):
+    raise NotImplementedError
 
 if __name__ == "__main__":
     main()

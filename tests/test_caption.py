@@ -11,7 +11,9 @@ import torch
 import dap
 import extract
 import train
-from test_extract_motion_audio import save_public_resnext_checkpoint, write_av
+from conftest import save_public_resnext_checkpoint, write_video
+
+pytestmark = pytest.mark.slow  # trains a run through the command lines
 
 CAPTIONS = ["a man is cooking food in a kitchen", "a man is playing a guitar on a stage",
             "a woman is singing a song on a stage", "a dog is running in a park"]  # 13 attribute words
@@ -20,7 +22,7 @@ SPLITS = ["train"] * 4 + ["validate"] + ["test"] * 2
 
 def make_video(path, n_frames):
     """A 64x48 libx264 video of n_frames (frame k: flat grey 10 + 5k with a red square), no soundtrack."""
-    write_av(path, n_frames=n_frames, size=(64, 48))
+    write_video(path, n_frames=n_frames, size=(64, 48))
     return path
 
 
@@ -167,8 +169,8 @@ def test_model_without_vap_says_attributes_are_unavailable(run):
     """A Base model (no APNet) captions, and its attributes are None / 'unavailable' in the text."""
     _, vocab, attributes, extractors, n_frames = train.load_captioner(run["ckpt"], run["flag"])
     torch.manual_seed(0)
-    base = dap.CaptionModel(train.make_config("base", {"image": 32, "motion": 2048}, len(vocab), len(attributes),
-                                              d_model=32)).eval()
+    base = dap.CaptionModel(train.model_config("base", train.Recipe(d_model=32), {"image": 32, "motion": 2048}, vocab,
+                                               attributes)).eval()
     r = train.caption_video(run["videos"][0], base, vocab, attributes, extractors, n_frames, beam_size=2)
     assert r["attributes"] is None and isinstance(r["caption"], str)
     assert train.format_caption(r).endswith("attributes: unavailable (the model has no VAP APNet)")

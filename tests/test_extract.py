@@ -1,13 +1,31 @@
-"""extract.py: frame sampling, preprocessing, backbone conformance with the reference code, the extraction loop."""
+"""extract.py: frame sampling, preprocessing, backbone conformance with the reference code, the extraction loop.
+
+- Frames: sample_indices equals the authors' get_uniform_ids_from_k_snippets (numpy) bit for bit; the decoded
+  frames of a generated video whose frames are told apart by brightness are those indices (also without a
+  container frame count, and for a truncated file); a video shorter than N repeats frames.
+- Preprocessing against PIL references with hand-computed sizes.
+- Backbones: CLIP ViT and ModifiedResNet features equal OpenAI's model.py encode_image within 1e-4 on identical
+  random weights (a TorchScript archive and a plain state_dict); the released architectures are read off their
+  shapes; the ResNet-101 key names and shapes equal torchvision's, and its features equal torchvision's resnet.py
+  with fc removed (run when torchvision is importable or DAP_TORCHVISION_WHEEL points at a torchvision wheel).
+- Weights: download, SHA-256 check and cache; clear errors offline and for wrong files.
+- The loop: a video file -> .npy equals the reference step by step; resume after an interruption; bad files are
+  reported and the run goes on; shards and worker processes; I/O errors end in one line naming the file (exit 2)
+  and lose nothing; files get a plain open()'s permissions; a run that cannot start leaves no folder; kill -9
+  leaves no worker behind.
+- The real videos in ../shared (720p with audio, no audio, 176x144, the 55-s trailer in bounded memory), and
+  train.py training on what extract.py wrote.
+Tests marked slow run extract.py end to end (CLI, subprocesses, real videos); pytest -m "not slow" skips them.
+"""
 import ast
-import glob
+import errno
 import hashlib
-import importlib.util
 import json
 import os
+import stat
 import subprocess
 import sys
-import sysconfig
+import time
 import typing
 import warnings
 import zipfile
@@ -21,8 +39,8 @@ import torch.nn as nn
 from PIL import Image
 
 import extract
+from conftest import N_TEST_FRAMES, authors_uniform_ids, load_reference_clip, randomize_, write_video
 
-N_TEST_FRAMES = 40  # frames in the generated test video
 CLIP_MEAN, CLIP_STD = np.array([0.48145466, 0.4578275, 0.40821073]), np.array([0.26862954, 0.26130258, 0.27577711])
 
 
@@ -30,70 +48,10 @@ CLIP_MEAN, CLIP_STD = np.array([0.48145466, 0.4578275, 0.40821073]), np.array([0
 # fixtures: a generated video, reference code, tiny random checkpoints in the public layouts
 
 
-def frame_level(k):
-    """Grey level of frame k of the test video: frames are told apart by their brightness."""
-    return 10 + 5 * k
-
-
-def write_video(path, n_frames=N_TEST_FRAMES, size=(64, 48), codec="libx264", options=None):
-    """A video whose frame k is a flat grey frame_level(k) with a small coloured square (PyAV)."""
-    w, h = size
-    with av.open(str(path), "w", options=options or {}) as container:
-        stream = container.add_stream(codec, rate=25)
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        stream.options = {"qscale": "1"} if codec == "mpeg4" else {"crf": "0"}
-        for k in range(n_frames):
-            img = np.full((h, w, 3), frame_level(k), np.uint8)
-            img[4:12, 4:12] = (200, 30, 30)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
-
-
 @pytest.fixture(scope="session")
 def video(tmp_path_factory):
     """The generated 64x48, 40-frame mp4."""
     return write_video(tmp_path_factory.mktemp("video") / "tiny.mp4")
-
-
-def load_reference_clip():
-    """OpenAI's clip/model.py from the installed openai-clip package, loaded as a single file."""
-    candidates = glob.glob(os.path.join(sysconfig.get_paths()["purelib"], "clip", "model.py"))
-    if not candidates:
-        pytest.skip("openai-clip is not installed (pip install --no-deps openai-clip): no reference model.py")
-    spec = importlib.util.spec_from_file_location("openai_clip_model", candidates[0])
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def randomize_(model, seed=0, forward=None):
-    """Random norm scales and biases on top of the default (random) init; BatchNorm statistics calibrated
-    on random images by `forward` (so that deep random nets still depend on their input); everything
-    fp16-representable like OpenAI's fp16 checkpoints (the reference build_model rounds weights to fp16)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            noise = torch.randn(t.shape, generator=g) if t.is_floating_point() else None
-            if name.endswith("bias"):
-                t.copy_(0.1 * noise)
-            elif name.endswith(".weight") and t.dim() == 1:  # BatchNorm / LayerNorm scales
-                t.copy_(1 + 0.1 * noise)
-        if forward is not None:
-            bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-            for bn in bns:
-                bn.reset_running_stats()
-                bn.momentum = None  # cumulative average over the calibration batch
-            model.train()
-            forward(model, torch.randn(4, 3, 224, 224, generator=g))
-            for bn in bns:
-                bn.momentum = 0.1
-        for t in model.state_dict().values():
-            if t.is_floating_point():
-                t.copy_(t.half().float())
-    return model.eval()
 
 
 def tiny_reference_clip(ref, vision_layers, vision_width, patch):
@@ -135,6 +93,12 @@ def resnet_ckpt(tmp_path_factory):
     return path
 
 
+def model_input(backbone, img):
+    """What the registered backbone's network receives for one image: (3, H, W) float."""
+    spec = extract.BACKBONES[backbone]
+    return spec.to_input(torch.tensor(spec.preprocess(img))[None])[0]
+
+
 def pil_clip_reference(img, new_size, box):
     """OpenAI's transform spelled out with PIL and numpy for known sizes: (3, 224, 224) float."""
     x = np.asarray(img.resize(new_size, Image.BICUBIC).crop(box).convert("RGB"), np.float64) / 255.0
@@ -145,13 +109,20 @@ def pil_clip_reference(img, new_size, box):
 # frame sampling and decoding
 
 
-def test_sample_indices_are_segment_centres():
-    assert extract.sample_indices(10, 4).tolist() == [1, 3, 6, 8]  # floor(1.25, 3.75, 6.25, 8.75)
-    assert extract.sample_indices(3, 7).tolist() == [0, 0, 1, 1, 1, 2, 2]  # shorter than N: repeats
+def test_sample_indices_are_the_authors_segment_centres():
+    assert extract.sample_indices(10, 4).tolist() == [1, 3, 6, 8]  # bounds 0, 2, 5, 7, 10
+    assert extract.sample_indices(3, 7).tolist() == [0, 0, 0, 1, 1, 2, 2]  # shorter than N: repeats
     assert extract.sample_indices(28, 28).tolist() == list(range(28))
-    assert extract.sample_indices(1323, 28)[[0, -1]].tolist() == [23, 1299]
-    with pytest.raises(ValueError):
+    assert extract.sample_indices(60, 28).tolist()[:6] == [1, 3, 5, 7, 9, 11]  # train.py's 28 of the 60 features
+    with pytest.raises(ValueError, match="0 frames"):
         extract.sample_indices(0, 28)
+
+
+def test_sample_indices_equal_the_authors_numpy_rule_bit_for_bit():
+    """The plain-Python rule equals numpy's linspace truncation for every T in 1..400, N in 1..64 (T < N too)."""
+    for t in range(1, 401):
+        for n in range(1, 65):
+            assert extract.sample_indices(t, n).tolist() == authors_uniform_ids(t, n), (t, n)
 
 
 def grey_levels(frames):
@@ -163,14 +134,14 @@ def grey_levels(frames):
 def test_decode_keeps_the_sampled_frames(video, n):
     frames = extract.decode_frames(video, n, np.asarray)  # identity preprocessing: (N, 48, 64, 3)
     assert frames.shape == (n, 48, 64, 3) and frames.dtype == np.uint8
-    assert grey_levels(frames) == extract.sample_indices(N_TEST_FRAMES, n).tolist()
+    assert grey_levels(frames) == authors_uniform_ids(N_TEST_FRAMES, n)
 
 
 def test_decode_counts_frames_when_the_container_does_not_say(tmp_path):
     path = write_video(tmp_path / "nocount.mkv")  # Matroska has no frame count: two-pass path
     with av.open(str(path)) as c:
         assert c.streams.video[0].frames == 0
-    assert grey_levels(extract.decode_frames(path, 8, np.asarray)) == extract.sample_indices(N_TEST_FRAMES, 8).tolist()
+    assert grey_levels(extract.decode_frames(path, 6, np.asarray)) == [3, 9, 16, 23, 29, 36]
 
 
 def test_truncated_video_uses_its_decodable_frames(tmp_path):
@@ -182,7 +153,7 @@ def test_truncated_video_uses_its_decodable_frames(tmp_path):
     cut.write_bytes(path.read_bytes()[:offsets[20]])
     with av.open(str(cut)) as c:
         assert c.streams.video[0].frames == N_TEST_FRAMES  # the container still claims 40
-    assert grey_levels(extract.decode_frames(cut, 8, np.asarray)) == extract.sample_indices(20, 8).tolist()
+    assert grey_levels(extract.decode_frames(cut, 6, np.asarray)) == [1, 4, 8, 11, 14, 18]  # bounds 0, 3, 6, 10, ...
 
 
 def test_decode_bad_files_raise_clearly(tmp_path):
@@ -212,16 +183,15 @@ def test_decode_bad_files_raise_clearly(tmp_path):
 def test_clip_preprocess_matches_pil_reference(size, new_size, box):
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
-    x = extract.normalize(torch.tensor(extract.clip_preprocess(img))[None], extract.CLIP_MEAN, extract.CLIP_STD)[0]
+    x = model_input("ViT-B/32", img)
     np.testing.assert_allclose(x.numpy(), pil_clip_reference(img, new_size, box), atol=1e-5)
 
 
 def test_imagenet_preprocess_matches_pil_reference():
     img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (240, 320, 3), dtype=np.uint8))
     ref = np.asarray(img.resize((341, 256), Image.BILINEAR).crop((58, 16, 282, 240)), np.float64) / 255.0  # 341.33
-    ref = ((ref - np.array(extract.IMAGENET_MEAN)) / np.array(extract.IMAGENET_STD)).transpose(2, 0, 1)
-    x = extract.normalize(torch.tensor(extract.imagenet_preprocess(img))[None], extract.IMAGENET_MEAN, extract.IMAGENET_STD)[0]
-    np.testing.assert_allclose(x.numpy(), ref, atol=1e-5)
+    ref = (ref - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])  # ImageNet mean and std
+    np.testing.assert_allclose(model_input("resnet101", img).numpy(), ref.transpose(2, 0, 1), atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -384,7 +354,7 @@ def test_bad_weights_files(tmp_path):
 
 def reference_features(ref_model, video, n):
     """encode_image of the reference model on frames decoded by plain PyAV and preprocessed by PIL."""
-    wanted = extract.sample_indices(N_TEST_FRAMES, n).tolist()
+    wanted = authors_uniform_ids(N_TEST_FRAMES, n)
     with av.open(str(video)) as c:
         frames = [f.to_image() for k, f in enumerate(c.decode(video=0)) if k in wanted]
     frames = [frames[sorted(set(wanted)).index(k)] for k in wanted]
@@ -393,6 +363,7 @@ def reference_features(ref_model, video, n):
         return ref_model.float().encode_image(x).numpy()
 
 
+@pytest.mark.slow
 def test_extract_end_to_end_equals_reference(clip_ckpts, tmp_path):
     """Video file -> .npy equals OpenAI's encode_image on the same frames; meta.json describes the run."""
     src = tmp_path / "in"
@@ -419,6 +390,7 @@ def make_videos(folder, names, video):
     return sorted(folder.iterdir())
 
 
+@pytest.mark.slow
 def test_resume_after_interruption(clip_ckpts, video, tmp_path, monkeypatch):
     videos = make_videos(tmp_path / "in", ["a.mp4", "b.mp4", "c.mp4"], video)
     out = tmp_path / "out"
@@ -442,9 +414,14 @@ def test_resume_after_interruption(clip_ckpts, video, tmp_path, monkeypatch):
     np.testing.assert_array_equal(np.load(out / "a.npy"), np.load(out / "b.npy"))  # same video, same features
     with pytest.raises(ValueError, match="different run"):  # resuming with other settings is refused
         extract.extract(videos, out, "RN50", clip_ckpts["rn"], frames=8, workers=0, progress=False)
+    (out / "meta.json").write_text('{"backbone": "RN50", "fra')  # cut short, e.g. by a full disk elsewhere
+    with pytest.raises(ValueError, match=f"{out / 'meta.json'} is not the meta.json extract.py writes"):
+        extract.extract(videos, out, "RN50", clip_ckpts["rn"], frames=4, workers=0, progress=False)
 
 
-def test_bad_files_are_reported_and_the_run_goes_on(clip_ckpts, video, tmp_path, capsys):
+@pytest.mark.slow
+def test_bad_files_are_reported_and_the_run_goes_on(clip_ckpts, video, tmp_path, capsys, monkeypatch):
+    """Also: the default N is the authors' 60, and every file written has a plain open()'s permissions."""
     src = tmp_path / "in"
     make_videos(src, ["good.mp4"], video)
     (src / "empty.mp4").write_bytes(b"")
@@ -453,10 +430,16 @@ def test_bad_files_are_reported_and_the_run_goes_on(clip_ckpts, video, tmp_path,
     listing = tmp_path / "list.txt"
     listing.write_text(f"{src / 'missing.mp4'}\n")
     out = tmp_path / "out"
-    rc = extract.main([str(src), "--list", str(listing), "--out", str(out), "--backbone", "RN50",
-                       "--weights", str(clip_ckpts["rn"]), "--frames", "4", "--workers", "0", "--no_progress"])
+    umask = os.umask(0o022)
+    try:
+        rc = extract.main([str(src), "--list", str(listing), "--out", str(out), "--backbone", "RN50",
+                           "--weights", str(clip_ckpts["rn"]), "--workers", "0", "--no_progress"])
+    finally:
+        os.umask(umask)
     assert rc == 1
-    assert np.load(out / "good.npy").shape == (4, 64)
+    assert np.load(out / "good.npy").shape == (60, 64) and json.loads((out / "meta.json").read_text())["frames"] == 60
+    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in out.iterdir()} == {
+        name: "0o644" for name in ("good.npy", "meta.json", "failed.txt")}
     failed = dict(line.split("\t")[::2] for line in (out / "failed.txt").read_text().splitlines())
     assert sorted(failed) == ["cut", "empty", "missing", "notes"]
     assert "0 bytes" in failed["empty"] and "no such file" in failed["missing"]
@@ -464,23 +447,25 @@ def test_bad_files_are_reported_and_the_run_goes_on(clip_ckpts, video, tmp_path,
     assert all(f"FAILED {v}" in err for v in failed)
     (src / "empty.mp4").write_bytes(video.read_bytes())  # fixed: the next run clears its failed.txt line
     extract.main([str(src), "--out", str(out), "--backbone", "RN50", "--weights", str(clip_ckpts["rn"]),
-                  "--frames", "4", "--workers", "0", "--no_progress"])
+                  "--workers", "0", "--no_progress"])
     still = sorted(line.split("\t")[0] for line in (out / "failed.txt").read_text().splitlines())
     assert still == ["cut", "missing", "notes"]  # 'missing' was not in that run: its line stays
 
 
+@pytest.mark.slow
 def test_short_video_repeats_frames(clip_ckpts, video, tmp_path):
     out = tmp_path / "out"
     extract.extract([video], out, "RN50", clip_ckpts["rn"], frames=50, workers=0, progress=False)
     feats = np.load(out / "tiny.npy")
     assert feats.shape == (50, 64)
     idx = extract.sample_indices(N_TEST_FRAMES, 50)
-    assert idx[:5].tolist() == [0, 1, 2, 2, 3]  # floor((i + 0.5) * 40 / 50)
-    for i, j in [(1, 2), (2, 3), (3, 4)]:  # the same source frame gives the same feature, others differ
+    assert idx[:5].tolist() == [0, 0, 1, 2, 3]  # bounds int(0.8 i): 0, 0, 1, 2, 3, 4
+    for i, j in [(0, 1), (1, 2), (2, 3)]:  # the same source frame gives the same feature, others differ
         # (to float tolerance: a row's position in a batched convolution may change its last bits)
         assert (idx[i] == idx[j]) == np.allclose(feats[i], feats[j], rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_shards_split_and_workers_agree(clip_ckpts, video, tmp_path):
     videos = make_videos(tmp_path / "in", [f"v{i}.mp4" for i in range(3)], video)
     out = tmp_path / "out"
@@ -493,14 +478,16 @@ def test_shards_split_and_workers_agree(clip_ckpts, video, tmp_path):
         extract.parse_shard("2/2")
 
 
+@pytest.mark.slow
 def test_resnet101_backbone_and_bf16(resnet_ckpt, video, tmp_path):
     out = tmp_path / "out"
     extract.extract([video], out, "resnet101", resnet_ckpt, frames=3, workers=0, progress=False)
     feats = np.load(out / "tiny.npy")
     model = extract.build_imagenet_resnet(torch.load(resnet_ckpt, weights_only=True))
-    frames = extract.decode_frames(video, 3, extract.imagenet_preprocess)
+    spec = extract.BACKBONES["resnet101"]
+    frames = extract.decode_frames(video, 3, spec.preprocess)
     with torch.no_grad():
-        want = model(extract.normalize(torch.from_numpy(frames), extract.IMAGENET_MEAN, extract.IMAGENET_STD)).numpy()
+        want = model(spec.to_input(torch.from_numpy(frames))).numpy()
     assert feats.shape == (3, 512) and np.abs(feats - want).max() < 1e-4
     extract.extract([video], tmp_path / "bf16", "resnet101", resnet_ckpt, frames=3, workers=0, dtype="bf16", progress=False)
     low = np.load(tmp_path / "bf16" / "tiny.npy")
@@ -516,33 +503,139 @@ def test_find_videos(tmp_path, video):
         extract.find_videos([tmp_path / "a", tmp_path / "c"])
 
 
+def test_atomic_write_has_plain_open_permissions_and_leaves_nothing_when_it_fails(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        extract.atomic_write(tmp_path / "a.txt", lambda tmp: Path(tmp).write_text("kept"))
+    finally:
+        os.umask(umask)
+    assert oct(stat.S_IMODE((tmp_path / "a.txt").stat().st_mode)) == "0o644"  # as open(), not mkstemp's 0o600
+
+    def disk_full(tmp):
+        Path(tmp).write_text("half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left on device") as e:
+        extract.atomic_write(tmp_path / "a.txt", disk_full)
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "a.txt")  # names the file
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"] and (tmp_path / "a.txt").read_text() == "kept"
+
+
+@pytest.mark.slow
+def test_io_errors_end_with_one_line_naming_the_file_and_exit_2(clip_ckpts, video, tmp_path, capsys, monkeypatch):
+    """--out is a file; the disk fills up after the first video: exit 2, no traceback, nothing written is lost."""
+    videos = make_videos(tmp_path / "in", ["a.mp4", "b.mp4"], video)
+    args = [*map(str, videos), "--backbone", "RN50", "--weights", str(clip_ckpts["rn"]), "--frames", "4",
+            "--batch_size", "4", "--workers", "0", "--no_progress", "--out"]
+    (tmp_path / "file").write_text("not a folder")
+    assert extract.main([*args, str(tmp_path / "file")]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"error: {tmp_path / 'file'}: File exists"
+    out, save = tmp_path / "out", np.save
+
+    def disk_full_after_one_video(f, arr):
+        if (out / "a.npy").exists():
+            raise OSError(errno.ENOSPC, "No space left on device")
+        save(f, arr)
+
+    monkeypatch.setattr(np, "save", disk_full_after_one_video)
+    assert extract.main([*args, str(out)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"error: {out / 'b.npy'}: No space left on device"
+    assert sorted(p.name for p in out.iterdir()) == ["a.npy", "meta.json"]  # no half-written file, no .tmp
+    assert np.load(out / "a.npy").shape == (4, 64)
+
+
+@pytest.mark.slow
+def test_runs_that_cannot_start_leave_no_output_folder(video, tmp_path, capsys):
+    (tmp_path / "junk.pt").write_text("not weights")
+    assert extract.main([str(video), "--out", str(tmp_path / "out"), "--weights", str(tmp_path / "junk.pt")]) == 2
+    assert "junk.pt: neither a TorchScript archive nor a state_dict" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="2"):  # argparse's usage error
+        extract.main([str(tmp_path / "empty"), "--out", str(tmp_path / "out")])
+    assert "no videos given" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "junk.pt"]
+
+
+def live_children(pid):
+    """PIDs of the live (not zombie) processes whose parent is `pid`, from Linux's /proc."""
+    children = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()  # after "pid (name)": state, ppid, ...
+        except (OSError, IndexError):
+            continue  # the process ended while we looked
+        if int(fields[1]) == pid and fields[0] != "Z":
+            children.append(int(stat_file.parent.name))
+    return children
+
+
+def is_alive(pid):
+    """True while `pid` runs (a zombie waiting for its reaper counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_kill_9_leaves_no_worker_processes_behind(clip_ckpts, video, tmp_path):
+    """kill -9 of extract.py mid-run: its decode workers and multiprocessing's resource tracker end too, instead
+    of living on, re-parented to PID 1."""
+    if not Path("/proc/self/stat").is_file():
+        pytest.skip("lists child processes through Linux's /proc, which this system does not have")
+    make_videos(tmp_path / "in", [f"v{i}.mp4" for i in range(40)], video)
+    out = tmp_path / "out"
+    run = subprocess.Popen([sys.executable, extract.__file__, str(tmp_path / "in"), "--out", str(out), "--backbone",
+                            "RN50", "--weights", str(clip_ckpts["rn"]), "--frames", "4", "--batch_size", "4",
+                            "--workers", "2", "--no_progress"], stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not list(out.glob("*.npy")) and run.poll() is None and time.time() < deadline:
+            time.sleep(0.05)  # until the workers have decoded and the first features are written
+        children = live_children(run.pid)
+        assert run.poll() is None and len(children) >= 2, "the run was not caught while its workers ran"
+    finally:
+        run.kill()
+        run.wait()
+    deadline = time.time() + 10
+    while any(map(is_alive, children)) and time.time() < deadline:
+        time.sleep(0.1)
+    left = [pid for pid in children if is_alive(pid)]
+    for pid in left:  # do not leave them running after a failure either
+        os.kill(pid, 9)
+    assert not left, f"{len(left)} of the {len(children)} child processes outlived the killed run"
+
+
 # ----------------------------------------------------------------------------------------------
 # the real videos in ../shared
 
 
+@pytest.mark.slow
 def test_shared_videos_decode(shared_dir):
     """720p with audio, no audio, 176x144: the sampled frames equal a plain PyAV decode at those indices."""
+    preprocess = extract.BACKBONES["ViT-B/32"].preprocess
     for name, count in [("bigbuckbunny.mp4", 132), ("bikes.mp4", 250), ("carphone.mp4", 120)]:
         path = shared_dir / "data" / "videos" / name
-        frames = extract.decode_frames(path, 28, extract.clip_preprocess)
-        wanted = extract.sample_indices(count, 28).tolist()
+        frames = extract.decode_frames(path, 28, preprocess)
+        wanted = authors_uniform_ids(count, 28)
         ref, decoded = {}, 0
         with av.open(str(path)) as c:
             for frame in c.decode(video=0):
                 if decoded in wanted:
-                    ref[decoded] = extract.clip_preprocess(frame.to_image())
+                    ref[decoded] = preprocess(frame.to_image())
                 decoded += 1
         assert decoded == count, name
         assert frames.shape == (28, 224, 224, 3)
         np.testing.assert_array_equal(frames, np.stack([ref[k] for k in wanted]), err_msg=name)
 
 
+@pytest.mark.slow
 def test_long_720p_video_decodes_in_bounded_memory(shared_dir):
     """The 55-s 720p trailer (1,323 frames, 3.6 GB as RGB) decodes with a small peak RSS increase."""
     path = shared_dir / "data" / "videos" / "trailer_bbb.mp4"
     code = ("import resource, sys, extract\n"
             "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-            "x = extract.decode_frames(sys.argv[1], 28, extract.clip_preprocess)\n"
+            "x = extract.decode_frames(sys.argv[1], 28, extract.BACKBONES['ViT-B/32'].preprocess)\n"
             "print(x.shape[0], before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
     res = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120,
                          cwd=Path(extract.__file__).parent)
@@ -556,6 +649,7 @@ def test_long_720p_video_decodes_in_bounded_memory(shared_dir):
 # train.py trains on what extract.py wrote
 
 
+@pytest.mark.slow
 def test_train_reads_extracted_features(clip_ckpts, video, tmp_path):
     """A tiny MSR-VTT-format dataset whose image features come from extract.py; one epoch of train.py."""
     train = pytest.importorskip("train")

@@ -1,13 +1,14 @@
 """train.py: datasets, features, vocabulary/attributes, evaluation against hand computations, a tiny toy run."""
 import json
-import warnings
 import zipfile
 
 import numpy as np
 import pytest
 import torch
 
+import extract
 import train
+from conftest import write_vatex
 from dap import BOS, EOS, PAD, UNK
 
 # ----------------------------------------------------------------------------------------------
@@ -21,7 +22,7 @@ def msrvtt():
     if not path.is_dir():
         pytest.skip(f"{path} is absent: the real MSR-VTT annotations exist only on the developers' machines")
     ds = train.load_msrvtt(path)
-    captions = [c for v in ds.splits["train"] for c in ds.captions[v]]
+    captions = train.training_captions(ds)
     vocab = train.build_vocab(captions)
     return ds, captions, vocab
 
@@ -38,7 +39,7 @@ def test_msrvtt_splits_captions_categories(msrvtt):
 def test_msrvtt_vocabulary_and_attributes(msrvtt):
     ds, captions, vocab = msrvtt
     assert vocab[:4] == ["<pad>", "<unk>", "<bos>", "<eos>"]
-    assert len(vocab) == 10505                      # reproducible: words seen > 2 times + 4 specials
+    assert len(vocab) == 10541 + 4                  # words seen > 2 times (the authors' 10,541) + 4 specials
     assert train.build_vocab(captions) == vocab     # deterministic
     attrs = train.build_attributes(captions, vocab, 500)
     assert len(attrs) == 500 and len(set(attrs)) == 500
@@ -60,7 +61,7 @@ def test_msrvtt_single_2016_file(tmp_path):
     (tmp_path / "category.txt").write_text("music\t0\r\npeople\t1\r\n")
     ds = train.load_msrvtt(tmp_path)
     assert ds.splits == {"train": ["video0"], "val": ["video1"], "test": ["video2"]}
-    assert ds.captions["video0"] == ["first", "second"] and ds.category_names == ["music", "people"]
+    assert ds.captions["video0"] == ["second", "first"] and ds.category_names == ["music", "people"]  # file order
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="videodatainfo"):
         train.load_msrvtt(tmp_path / "empty")
@@ -68,15 +69,6 @@ def test_msrvtt_single_2016_file(tmp_path):
 
 # ----------------------------------------------------------------------------------------------
 # VATEX on a fixture in the official format
-
-
-def write_vatex(root):
-    def item(i):
-        return {"videoID": f"vid{i}_000001_000011", "enCap": [f"a person does thing {j} number {i}" for j in range(10)],
-                "chCap": ["..."] * 10}
-    for name, ids in [("vatex_training_v1.0.json", [0, 1, 2]), ("vatex_validation_v1.0.json", [3]),
-                      ("vatex_public_test_english_v1.1.json", [4, 5])]:
-        (root / name).write_text(json.dumps([item(i) for i in ids]))
 
 
 def test_vatex_loader_and_missing_videos_dropped(tmp_path):
@@ -102,14 +94,6 @@ def test_vatex_loader_and_missing_videos_dropped(tmp_path):
 # Features
 
 
-def test_resample_indices_hand_computed():
-    assert train.resample_indices(60, 28)[:4] == [1, 3, 5, 7]       # floor((i + .5) * 60 / 28)
-    assert train.resample_indices(60, 28)[-1] == 58                  # floor(27.5 * 60 / 28)
-    assert train.resample_indices(28, 28) == list(range(28))
-    assert train.resample_indices(1, 4) == [0, 0, 0, 0]
-    assert train.resample_indices(3, 6) == [0, 0, 1, 1, 2, 2]
-
-
 def make_feature_dirs(root, ids, dims={"image": 4, "motion": 3, "audio": 2}, T=7):
     rng = np.random.default_rng(0)
     arrays = {}
@@ -121,13 +105,14 @@ def make_feature_dirs(root, ids, dims={"image": 4, "motion": 3, "audio": 2}, T=7
     return {m: root / m for m in dims}, arrays
 
 
-def test_load_features_resamples_with_the_same_indices(tmp_path):
+def test_load_features_takes_extracts_frames(tmp_path):
     ids = ["a", "b"]
     paths, arrays = make_feature_dirs(tmp_path, ids)
     np.save(tmp_path / "motion" / "b.npy", arrays["motion", "b"][:2])      # a shorter video: T = 2
     feats, kept = train.load_features(paths, ids, n_frames=4)
     assert kept == ids and feats["image"].shape == (2, 4, 4) and feats["audio"].shape == (2, 4, 2)
-    idx = [0, 2, 4, 6]                                                      # floor((i + .5) * 7 / 4)
+    idx = [0, 2, 4, 6]                                                      # k-snippet midpoints of 7 frames
+    assert list(extract.sample_indices(7, 4)) == idx
     assert torch.equal(feats["image"][0], torch.from_numpy(arrays["image", "a"][idx]))
     assert torch.equal(feats["audio"][1], torch.from_numpy(arrays["audio", "b"][idx]))
     assert torch.equal(feats["motion"][1], torch.from_numpy(arrays["motion", "b"][[0, 0, 1, 1]]))
@@ -145,15 +130,14 @@ def test_missing_audio_is_zeros_missing_image_is_an_error(tmp_path):
         train.load_features(paths, ids, n_frames=3)
 
 
-@pytest.mark.parametrize("bad, message", [(np.ones((5, 9), np.float32), "dimension 9 differs from 4"),
-                                          (np.ones((5,), np.float32), "expected a \\(T, D\\) array"),
+@pytest.mark.parametrize("bad, message", [(np.ones((5,), np.float32), "expected a \\(T, D\\) array"),
                                           (np.zeros((0, 4), np.float32), "expected a \\(T, D\\) array"),
                                           (np.array([[0, np.nan, 0, 0]], np.float32), "NaN or inf"),
                                           (np.array([[0, np.inf, 0, 0]], np.float32), "NaN or inf")])
-def test_bad_feature_files_name_the_video(tmp_path, bad, message):
+def test_bad_feature_files_name_the_file(tmp_path, bad, message):
     paths, _ = make_feature_dirs(tmp_path, ["a", "b"])
     np.save(tmp_path / "image" / "b.npy", bad)
-    with pytest.raises(ValueError, match=f"image features of b .*{message}"):
+    with pytest.raises(ValueError, match=f"image.b\\.npy: .*{message}"):
         train.load_features(paths, ["a", "b"], n_frames=3)
 
 
@@ -164,7 +148,7 @@ def test_hdf5_features(tmp_path):
         f["video0"] = x
         f["video1"] = x + 1
     feats, _ = train.load_features({"image": tmp_path / "feats.hdf5"}, ["video1", "video0"], n_frames=28)
-    assert torch.equal(feats["image"][1], torch.from_numpy(x[train.resample_indices(60, 28)]))
+    assert torch.equal(feats["image"][1], torch.from_numpy(x[extract.sample_indices(60, 28)]))
     assert torch.equal(feats["image"][0], feats["image"][1] + 1)
 
 
@@ -181,14 +165,16 @@ def test_parse_feats():
 
 
 def test_tokenize_and_vocabulary_edge_cases():
-    assert train.tokenize("A man, a PLAN... don't stop -- café!") == ["a", "man", "a", "plan", "don't", "stop", "café"]
-    assert train.tokenize("") == [] and train.tokenize("?!") == []
-    caps = ["a cat sits", "a cat runs", "a cat", "the dog"]           # "a", "cat" 3 times; the rest fewer
+    # the authors' rule: whitespace split, tokens that are (substrings of) string.punctuation dropped, lowercase
+    assert train.tokenize("A man , a PLAN... don't stop -- t-shirt café !") == [
+        "a", "man", "a", "plan...", "don't", "stop", "--", "t-shirt", "café"]
+    assert train.tokenize("") == [] and train.tokenize("? ! ()") == []
+    caps = ["a cat sits", "the dog runs", "a cat runs", "the dog", "the cat", "a dog"]  # cat 3, dog 3, a 3, the 3
     vocab = train.build_vocab(caps)
-    assert vocab == ["<pad>", "<unk>", "<bos>", "<eos>", "a", "cat"]
+    assert vocab == ["<pad>", "<unk>", "<bos>", "<eos>", "a", "cat", "the", "dog"]   # ties: first seen first
     w2i = {w: i for i, w in enumerate(vocab)}
     assert train.encode_caption("", w2i) == [BOS, EOS]
-    assert train.encode_caption("A cat, naïvely!", w2i) == [BOS, 4, 5, UNK, EOS]
+    assert train.encode_caption("A cat , naïvely !", w2i) == [BOS, 4, 5, UNK, EOS]
     long = train.encode_caption(" ".join(["cat"] * 50), w2i, max_len=30)
     assert len(long) == 30 and long[0] == BOS and long[-1] == EOS
     assert train.decode_caption([4, 5, EOS, 4], vocab) == "a cat" and train.decode_caption([5, PAD], vocab) == "cat"
@@ -199,10 +185,10 @@ def test_attributes_skip_stop_words_shrink_and_label():
     vocab = train.build_vocab(caps)
     messages = []
     attrs = train.build_attributes(caps, vocab, k=10, log=messages.append)
-    assert attrs == ["eats", "dog", "cat", "park", "runs"]              # by count, ties alphabetical
+    assert attrs == ["eats", "dog", "cat", "runs", "park"]              # by count, ties: first seen first
     assert messages and "K = 5" in messages[0]
     labels = train.attribute_labels([["a dog eats", "the park"], ["nothing here"]], attrs)
-    assert labels.tolist() == [[1, 1, 0, 1, 0], [0, 0, 0, 0, 0]]
+    assert labels.tolist() == [[1, 1, 0, 0, 1], [0, 0, 0, 0, 0]]
 
 
 def test_attr_pos_keeps_nouns_verbs_adjectives(monkeypatch, shared_dir):
@@ -246,7 +232,7 @@ def test_caption_scores_with_pycocoevalcap():
 
 def test_caption_scores_without_java(monkeypatch):
     monkeypatch.setattr(train, "java_available", lambda: False)
-    refs = {0: ["A man plays the guitar."], 1: ["A woman cooks pasta!"]}
+    refs = {0: ["A man plays the guitar"], 1: ["A woman cooks pasta !"]}
     with pytest.warns(UserWarning, match="METEOR is skipped"):
         s = train.caption_scores(refs, {0: "a man plays the guitar", 1: "a woman cooks pasta"})
     assert s["METEOR"] is None and s["ROUGE-L"] == pytest.approx(100)
@@ -255,8 +241,12 @@ def test_caption_scores_without_java(monkeypatch):
 
 
 def test_diversity_hand_computed():
-    d = train.diversity(["a man runs", "A man runs.", "a dog barks"], ["A man runs", "a cat sits"])
-    assert d["Novel"] == pytest.approx(100 / 3) and d["Unique"] == pytest.approx(200 / 3) and d["Vocab"] == 5
+    """Novel counts distinct novel captions over all captions; training words outside the vocabulary read <unk>."""
+    vocab = ["<pad>", "<unk>", "<bos>", "<eos>", "a", "man", "runs", "dog", "barks", "cat"]
+    generated = ["a man runs", "a man runs", "a dog barks", "a dog barks", "a cat <unk>", "a dog runs"]
+    d = train.diversity(generated, ["A man runs", "a cat sits"], vocab)
+    # distinct: 4; not seen in training ("a man runs", "a cat <unk>" are): "a dog barks", "a dog runs"
+    assert d["Novel"] == pytest.approx(100 * 2 / 6) and d["Unique"] == pytest.approx(100 * 4 / 6) and d["Vocab"] == 7
 
 
 def test_mean_average_precision_hand_computed():
@@ -310,13 +300,7 @@ TINY = ["--toy_train", "16", "--toy_val", "4", "--toy_test", "4", "--d_model", "
         "--batch_size", "16", "--beam_size", "2", "--no_progress"]
 
 
-@pytest.fixture
-def no_java(monkeypatch):
-    """PTB tokenisation and METEOR start Java (seconds); the end-to-end tests use the Python fallback."""
-    monkeypatch.setattr(train, "java_available", lambda: False)
-    warnings.filterwarnings("ignore", "Java not found")
-
-
+@pytest.mark.slow
 def test_end_to_end_toy_run_and_reload(tmp_path, no_java):
     out = tmp_path / "run"
     metrics = train.main(TINY + ["--epochs", "2", "--out", str(out), "--task", "dap"])
@@ -339,6 +323,7 @@ def test_end_to_end_toy_run_and_reload(tmp_path, no_java):
     assert json.loads((tmp_path / "eval" / "captions.json").read_text()) == captions
 
 
+@pytest.mark.slow
 def test_resume_continues_an_interrupted_run(tmp_path, no_java):
     args = train.get_args(TINY)
     _, data, vocab, attrs = train.load_data(args, log=lambda *a: None)
@@ -365,10 +350,12 @@ def test_cli_errors():
         train.get_args(["--dataset", "msrvtt"])
     with pytest.raises(SystemExit):
         train.get_args(["--eval_only"])
-    assert train.get_args([]).d_model == train.TOY_DEFAULTS["d_model"]
-    assert train.get_args(["--dataset", "vatex", "--data", "x", "--feats", "image=y"]).d_model == 1024
+    assert train.get_args([]).recipe.d_model == train.DATASET_RECIPES["toy"]["d_model"]
+    assert train.get_args(["--dataset", "msrvtt", "--data", "x", "--feats", "image=y"]).recipe == train.Recipe()
+    assert train.get_args(["--dataset", "vatex", "--data", "x", "--feats", "image=y"]).recipe.d_model == 1024
 
 
+@pytest.mark.slow
 def test_table_runs_every_task(tmp_path, no_java):
     rows = train.main(TINY + ["--table", "--seeds", "0", "--epochs", "1", "--out", str(tmp_path)])
     assert list(rows) == ["Base", "VAP", "TAP", "DAP"]

@@ -1,0 +1,166 @@
+"""Equality with the authors' own code (github.com/yangbang18/CLIP-Captioner), in the style of minGPT's
+test against Hugging Face: tests/make_golden.py ran their model, criterion, translator and corpus
+preparation and saved weights, inputs and outputs in tests/golden/ (how: the files' readme entries).
+Here their weights are loaded into dap.CaptionModel through a name map, and every output must agree:
+float32 to 1e-5, tokens exactly. No network and no authors' code is needed."""
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import dap
+import train
+from dap import PAD
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def their_names_to_ours(theirs):
+    """Their state_dict keys (models/Framework.py, Encoder.py, Decoder.py, Head.py, Predictor) -> dap.py's."""
+    rules = [("encoder.Encoder_I.", "encoder.proj.image."), ("encoder.Encoder_M.", "encoder.proj.motion."),
+             ("encoder.Encoder_A.", "encoder.proj.audio."), ("predictor.nets.0.prj.0.", "vap_net."),
+             ("predictor.nets.0.prj.1.", "tap_net."), ("decoder.embedding.word_embeddings.", "embedding.word."),
+             ("decoder.embedding.position_embeddings.", "embedding.position."),
+             ("decoder.embedding.LayerNorm.", "embedding.norm."), ("cls_head.tgt_word_prj.", "head."),
+             ("decoder.layers.", "layers.")]
+    sublayer = [("intra_attention.SDPA.query.", "self_attn.q."), ("intra_attention.SDPA.key.", "self_attn.k."),
+                ("intra_attention.SDPA.value.", "self_attn.v."), ("intra_attention.dense.", "self_attn.out."),
+                ("intra_attention.LayerNorm.", "norm1."), ("inter_attention.SDPA.query.", "cross_attn.q."),
+                ("inter_attention.SDPA.key.", "cross_attn.k."), ("inter_attention.SDPA.value.", "cross_attn.v."),
+                ("inter_attention.dense.", "cross_attn.out."), ("inter_attention.LayerNorm.", "norm2."),
+                ("ffn.dense1.", "ffn.0."), ("ffn.dense2.", "ffn.2."), ("ffn.LayerNorm.", "norm3.")]
+    ours = {}
+    for key, value in theirs.items():
+        for old, new in rules + sublayer:
+            key = key.replace(old, new)
+        ours[key] = value.float()
+    return ours
+
+
+@pytest.fixture(scope="module")
+def golden():
+    g = torch.load(GOLDEN / "authors_model.pt", weights_only=True)
+    opt = g["opt"]
+    cfg = dap.Config(feature_dims={"image": opt["dim_i"], "motion": opt["dim_m"], "audio": opt["dim_a"]},
+                     vocab_size=opt["vocab_size"], d_model=opt["dim_hidden"], n_heads=opt["num_attention_heads"],
+                     n_layers=opt["num_hidden_layers_decoder"], max_len=opt["max_len"],
+                     n_attributes=opt["attribute_prediction_k"])
+    assert cfg.ffn_mult * cfg.d_model == opt["intermediate_size"]
+    model = dap.CaptionModel(cfg)
+    model.load_state_dict(their_names_to_ours(g["state_dict"]))  # strict: every name maps, none is left over
+    return model.eval(), g
+
+
+def feats_of(tensors):
+    return dict(zip(["image", "motion", "audio"], tensors))  # their modality order 'ima'
+
+
+def close(ours, theirs):
+    torch.testing.assert_close(ours, theirs.to(ours.dtype), atol=1e-5, rtol=1e-5)
+
+
+def test_forward_equals_the_authors(golden):
+    """Encoder output, teacher-forced logits, caption loss, VAP and TAP noisy-OR and losses, Eq. 12's total."""
+    model, g = golden
+    with torch.no_grad():
+        memory = model.encode(feats_of(g["feats"]))
+        close(memory, g["encoder_hidden_states"])
+        embeddings = model.embedding(g["input_ids"])                     # their decoder inputs BOS w.. EOS PAD..
+        close(embeddings, g["input_embs"])
+        logits = model.decode(embeddings, memory)
+        real = g["labels"] != PAD                                        # PAD targets are never scored
+        close(logits[real], g["logits"][real])
+        close(dap.caption_loss(logits, g["labels"]), g["lang_loss"])
+        vap = model.video_attribute_p_raw(memory)
+        close(dap.noisy_or(vap), g["preds_attr"])
+        close(dap.attribute_loss(vap, g["labels_attr"]), g["vap_loss"])
+        kept = ~g["vap_mask"]                                            # their mask: True = left out
+        close(dap.noisy_or(vap, kept), g["vap_masked_probs"])
+        close(dap.attribute_loss(vap, g["labels_attr"], kept), g["vap_masked_loss"])
+        tap = model.text_attribute_p_raw(embeddings)
+        close(dap.noisy_or(tap, ~g["tap_mask"]), g["tap_probs"])
+        close(dap.attribute_loss(tap, g["labels_attr"], ~g["tap_mask"]), g["tap_loss"])
+        captions = torch.cat([g["input_ids"][:, :1], g["labels"]], dim=1)  # BOS w.. EOS PAD..
+        out = model(feats_of(g["feats"]), captions, g["labels_attr"])
+    close(out["loss"], g["total_loss"])
+    for ours, theirs in [("cap", "lang_loss"), ("vap", "vap_loss"), ("tap", "tap_loss")]:
+        close(out[ours], g[theirs])
+
+
+@pytest.mark.parametrize("beam_size", [1, 5])
+def test_greedy_and_beam_search_equal_the_authors(golden, beam_size):
+    """Their Translator and Beam with the two documented changes (BOS first; PAD and BOS never produced)."""
+    model, g = golden
+    expected = g["generation"][f"beam{beam_size}_patched"]["tokens"]
+    found = model.generate(feats_of(g["gen_feats"]), beam_size=beam_size)
+    assert [[w for w in row if w != PAD] for row in found.tolist()] == expected
+    assert len({len(c) for c in expected}) > 2                           # realistic, varied lengths
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: their corpus preparation (misc/utils_corpora.py) on MSR-VTT; the novelty metric (misc/utils.py)
+
+
+@pytest.fixture(scope="module")
+def theirs():
+    return json.loads((GOLDEN / "authors_msrvtt.json").read_text())
+
+
+def sha256(text):
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def test_tokenisation_equals_theirs_on_tricky_captions(theirs):
+    for example in theirs["examples"]:
+        assert train.tokenize(example["raw"]) == example["tokens"], example["kind"]
+
+
+def test_novel_unique_vocab_equal_theirs(theirs):
+    case = theirs["novelty_metric"]
+    itow = {int(i): w for i, w in case["vocab"].items()}
+    vocab = [itow[i] for i in range(len(itow))]
+    train_captions = [" ".join(itow[i] for i in cap[1:-1]) for v in case["splits"]["train"]
+                      for cap in case["captions"][f"video{v}"]]
+    generated = [p[0]["caption"] for p in case["predictions"].values()]
+    d = train.diversity(generated, train_captions, vocab)
+    out = case["outputs"]
+    assert d["Novel"] == pytest.approx(100 * out["novel"]) and d["Unique"] == pytest.approx(100 * out["unique"])
+    assert d["Vocab"] == out["vocabulary_usage"]
+
+
+@pytest.fixture(scope="module")
+def msrvtt(shared_dir_module):
+    ds = train.load_msrvtt(shared_dir_module / "data" / "msrvtt")
+    captions = train.training_captions(ds)
+    vocab = train.build_vocab(captions)
+    return ds, captions, vocab, train.build_attributes(captions, vocab, 500)
+
+
+@pytest.fixture(scope="module")
+def shared_dir_module():
+    from conftest import SHARED
+    if not (SHARED / "data" / "msrvtt").is_dir():
+        pytest.skip(f"needs the MSR-VTT annotations at {SHARED / 'data' / 'msrvtt'} (developers' machines only)")
+    return SHARED
+
+
+def test_vocabulary_and_attributes_equal_theirs(msrvtt, theirs):
+    ds, captions, vocab, attributes = msrvtt
+    words = vocab[len(train.SPECIALS):]
+    assert len(words) == theirs["vocab_size"] == 10541
+    assert sha256("\n".join(sorted(words))) == theirs["vocab_set_sha256"]
+    assert attributes == theirs["attributes_k500"]                      # the same 500, in the same order
+
+
+def test_attribute_labels_and_references_equal_theirs(msrvtt, theirs):
+    ds, _, _, attributes = msrvtt
+    labels = train.attribute_labels([ds.captions[v] for v in ds.splits["train"]], attributes)  # numeric id order
+    text = "".join(f"{v}:" + "".join("1" if x else "0" for x in row.tolist()) + "\n"
+                   for v, row in zip(ds.splits["train"], labels.bool()))
+    assert sha256(text) == theirs["train_labels_k500_sha256"]
+    order = lambda v: int(v[5:])
+    refs = "".join(f"{v}\t{i}\t{' '.join(train.tokenize(c))}\n" for v in sorted(ds.captions, key=order)
+                   for i, c in enumerate(ds.captions[v]))
+    assert sha256(refs) == theirs["references_sha256"]
