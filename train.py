@@ -63,7 +63,7 @@ class Recipe:
 
 
 DATASET_RECIPES = {"msrvtt": {}, "vatex": {"d_model": 1024},
-                   "toy": dict(d_model=128, epochs=12, lr=2e-3)}  # small and short for a CPU (README)
+                   "toy": dict(d_model=128, n_frames=8, epochs=12, lr=3e-3)}  # small and short: a CPU's minutes
 
 
 def recipe_for(dataset, **overrides):
@@ -192,137 +192,161 @@ def drop_uncaptioned(dataset, log=print):
 
 
 # ----------------------------------------------------------------------------------------------
-# The built-in SYNTHETIC toy dataset. MSR-VTT-shaped: ids, splits, one category per video, several
-# captions per video, image/motion/audio frame features. Its hidden "world" holds the conditions the
-# paper's arguments rest on (see make_toy). Backbones are SIMULATED: "clip" = strong attribute signal,
-# "inp" = the same videos with a weak attribute signal under the same caption-irrelevant background.
+# The built-in SYNTHETIC toy dataset: MSR-VTT's caption statistics in miniature (caption_statistics
+# measures both). A hidden world of concepts (pseudo-words, so no English is implied) with Zipfian
+# popularity and category preferences; a video shows ~12 of them; each of its 20 captions names its main
+# subject and action plus a few details, in one of several phrasings and with synonyms, so that one
+# caption mentions ~13% of the attributes its video's label (the union over captions) holds. Backbones
+# are SIMULATED: "clip" = strong attribute signal, "inp" = weak, under the same caption-irrelevant background.
 
-TOY_WORLD = {  # category -> pools of attribute words; attributes co-occur through the category
-    "cooking": dict(subject=["chef", "woman", "man", "cook"], action=["cooking", "chopping", "frying", "stirring"],
-                    object=["pasta", "onions", "meat", "soup", "vegetables", "pan", "knife", "plate"],
-                    colour=["red", "green", "white"], scene=["kitchen", "restaurant"], sound=["sizzling", "talking"]),
-    "sports": dict(subject=["player", "athlete", "team", "boy"], action=["kicking", "running", "jumping", "throwing"],
-                   object=["ball", "goal", "net", "racket", "bat", "shoes", "jersey", "helmet"],
-                   colour=["blue", "yellow", "white"], scene=["field", "stadium", "court"], sound=["cheering", "whistle"]),
-    "music": dict(subject=["singer", "band", "girl", "guitarist"], action=["singing", "dancing", "performing", "strumming"],
-                  object=["guitar", "piano", "drums", "microphone", "violin", "speakers", "lights", "crowd"],
-                  colour=["black", "purple", "red"], scene=["stage", "concert", "studio"], sound=["music", "song"]),
-    "animals": dict(subject=["dog", "cat", "puppy", "horse"], action=["eating", "sleeping", "chasing", "licking"],
-                    object=["toy", "grass", "bowl", "bone", "blanket", "fence", "leash", "stick"],
-                    colour=["brown", "white", "black"], scene=["park", "yard", "farm"], sound=["barking", "meowing"]),
-    "vehicles": dict(subject=["car", "truck", "motorcycle", "driver"], action=["driving", "racing", "drifting", "parking"],
-                     object=["road", "wheel", "engine", "tires", "garage", "trailer", "bridge", "cones"],
-                     colour=["red", "silver", "black"], scene=["highway", "street", "track"], sound=["engine", "horn"]),
-    "news": dict(subject=["reporter", "anchor", "politician", "man"], action=["talking", "speaking", "interviewing", "reporting"],
-                 object=["desk", "podium", "flag", "screen", "suit", "papers", "camera", "chart"],
-                 colour=["blue", "grey", "white"], scene=["newsroom", "office", "conference"], sound=["speech", "applause"]),
-    "gaming": dict(subject=["character", "gamer", "soldier", "avatar"], action=["fighting", "shooting", "exploring", "building"],
-                   object=["sword", "gun", "monster", "zombie", "castle", "blocks", "map", "weapon"],
-                   colour=["green", "orange", "purple"], scene=["dungeon", "city", "forest"], sound=["explosions", "gunfire"]),
-    "beauty": dict(subject=["model", "woman", "girl", "stylist"], action=["applying", "showing", "walking", "brushing"],
-                   object=["makeup", "lipstick", "dress", "hair", "mirror", "brush", "shoes", "necklace"],
-                   colour=["pink", "red", "gold"], scene=["runway", "bathroom", "salon"], sound=["music", "talking"]),
-}
-TOY_ADJECTIVES = ["young", "old", "little", "happy"]
-# Templates mention only some of a video's attributes, like human annotators; {object2} and its
-# {colour} are the attributes visible in only a few frames.
-TOY_TEMPLATES = [
-    "a {subject} is {action} {object} in a {scene}", "a {subject} is {action} in the {scene}",
-    "a {subject} is {action} a {colour} {object2}", "there is a {colour} {object2} next to the {object}",
-    "someone is {action} with a {object}", "a {subject} is {action} while {sound} plays",
-    "{sound} is heard in the {scene}", "a {subject} in a {scene} with a {object}",
-    "a video of a {subject} {action}", "the {subject} is {action} the {object} and a {object2}",
-    "a {subject} is shown in the {scene}", "a {subject} with a {object} and {sound}",
-]
-# Where each attribute type shows up in the features: modality -> [(type, relative strength)]
-TOY_RENDER = {"image": [("subject", 1.0), ("object", 1.0), ("object2", 1.0), ("colour", 1.0), ("scene", 1.0),
-                        ("action", 0.5)],
-              "motion": [("action", 1.0), ("subject", 0.3)],
-              "audio": [("sound", 1.0)]}
+TOY_CATEGORIES = ["cooking", "sports", "music", "animals", "vehicles", "news", "gaming", "beauty"]
+TOY_TYPES = {  # concept type: (modality it is visible in, concepts per video, concepts in the world)
+    "subject": ("image", 2, 30), "action": ("motion", 2, 50), "object": ("image", 12, 900),
+    "colour": ("image", 2, 40), "scene": ("image", 2, 100), "sound": ("audio", 1, 60)}
+TOY_PHRASINGS = {  # template: relative frequency (MSR-VTT: "video" in 7% of captions, "shown" 2%, "clip" 1.5%)
+    "{s} is {a}{o}{p}{n}": 40, "a video of {s} {a}{o}{p}{n}": 2.5, "{s} is shown {a}{o}{p}{n}": 1,
+    "there is {s} {a}{o}{p}{n}": 1, "{s} is {a} on camera{o}{p}{n}": 0.5, "a clip of {s} {a}{o}{p}{n}": 0.5}
+SYNONYM_WEIGHTS = [4, 3, 2, 1.5, 1, 1]  # how often annotators use a concept's 1st, 2nd... word
 TOY_BACKBONES = {"clip": 1.0, "inp": 0.3}  # SIMULATED: amplitude of the attribute signal
 
 
-def make_toy(seed=0, n_train=400, n_val=50, n_test=200, n_captions=10, n_frames=28, backbone="clip",
-             dims=None, n_backgrounds=12, silent_fraction=0.2, background=3.0, jitter=1.5, noise=1.5):
+def toy_words(rng, n):
+    """n distinct pseudo-words of two or three syllables ("kovi", "lamesu", ...)."""
+    syllables = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+    words = set()
+    while len(words) < n:
+        words.add("".join(rng.choice(syllables, size=int(rng.integers(2, 4)))))
+    return list(rng.permutation(sorted(words)))
+
+
+def pick(rng, weights, variety):
+    """An index drawn with probability ~ weights ** (1 / variety); variety 0 always gives the first."""
+    if variety <= 0:
+        return 0
+    p = np.asarray(weights, float) ** (1.0 / variety)
+    return int(rng.choice(len(p), p=p / p.sum()))
+
+
+def make_toy(seed=0, n_train=300, n_val=100, n_test=200, n_captions=20, n_frames=8, backbone="clip",
+             mention=0.1, agreement=0.0, phrasing=1.0, zipf=1.0, world=1.0, visible=0.25, dims=None, n_backgrounds=12,
+             silent_fraction=0.2, background=3.0, jitter=1.5, noise=1.5):
     """The SYNTHETIC toy dataset, deterministic in seed; backbone "clip" | "inp" is simulated.
 
-    Frame features (V, N, D) per modality = background prototype (shared by unrelated videos) +
-    per-video jitter + sum of the attribute directions present in that frame * signal + frame noise.
-    Silent videos (silent_fraction) get all-zero audio and no sound in their captions. The same seed
-    gives the same videos and captions for both backbones; only the feature rendering differs.
+    mention: chance that a caption names each detail of its video (beyond the main subject and action);
+    agreement: chance that an annotator repeats the video's first caption (1: every caption names the label);
+    phrasing: variety of phrasings and synonyms (0: one wording per concept); zipf: exponent of concept
+    popularity; world: size of the concept inventory (x TOY_TYPES); visible: share of the frames in which
+    a detail is visible (the main subject, action, scene and sound: all). Frame features (V, N, D) per
+    modality = background prototype (shared by unrelated videos) + per-video jitter + frame noise + one
+    direction per visible concept * signal. Silent videos get all-zero audio and no sound in captions.
     """
     if backbone not in TOY_BACKBONES:
         raise ValueError(f"backbone must be one of {list(TOY_BACKBONES)} (both simulated), got {backbone!r}")
     dims = dims or {"image": 256, "motion": 256, "audio": 64}
     rng = np.random.default_rng(seed)
-    categories = list(TOY_WORLD)
-    n_videos = n_train + n_val + n_test
+    # --- the world: concepts per type, 1-6 synonyms each; popularity Zipfian, tilted per category
+    sizes = {t: max(n, int(world * size)) for t, (_, n, size) in TOY_TYPES.items()}
+    words = iter(toy_words(rng, 4 * sum(sizes.values())))
+    n_synonyms = lambda: int(rng.integers(1, len(SYNONYM_WEIGHTS) + 1))
+    concepts = [(t, [next(words) + ("ing" if t == "action" else "") for _ in range(n_synonyms())])
+                for t, size in sizes.items() for _ in range(size)]
+    of_type = {t: [i for i, (u, _) in enumerate(concepts) if u == t] for t in TOY_TYPES}
+    affinity = rng.standard_normal((len(TOY_CATEGORIES), len(concepts)))
+    n_videos, N = n_train + n_val + n_test, n_frames
     ids = [f"video{i}" for i in range(n_videos)]
-    # --- the hidden content of each video, and its captions
-    content, captions, cats = [], {}, {}
-    for vid in ids:
-        c = int(rng.integers(len(categories)))
-        pools = TOY_WORLD[categories[c]]
-        obj, obj2 = rng.choice(pools["object"], size=2, replace=False)
-        item = {"subject": rng.choice(pools["subject"]), "action": rng.choice(pools["action"]), "object": obj,
-                "object2": obj2, "colour": rng.choice(pools["colour"]), "scene": rng.choice(pools["scene"]),
-                "sound": None if rng.random() < silent_fraction else rng.choice(pools["sound"])}
-        item = {k: (None if v is None else str(v)) for k, v in item.items()}
-        templates = [t for t in TOY_TEMPLATES if item["sound"] is not None or "{sound}" not in t]
-        caps = []
-        for _ in range(n_captions):
-            words = dict(item)
-            if rng.random() < 0.2:
-                words["subject"] = f"{rng.choice(TOY_ADJECTIVES)} {item['subject']}"
-            caps.append(templates[int(rng.integers(len(templates)))].format(**words))
-        content.append(item)
+    content, spans, captions, cats = [], [], {}, {}
+    for v, vid in enumerate(ids):
+        # --- what the video shows: concepts drawn by popularity x category preference, and where
+        c = int(rng.integers(len(TOY_CATEGORIES)))
+        item, silent = [], rng.random() < silent_fraction
+        for t, (_, n, _) in TOY_TYPES.items():
+            pool = np.array(of_type[t])
+            p = np.arange(1, len(pool) + 1) ** -zipf * np.exp(affinity[c, pool])
+            item += [] if t == "sound" and silent else list(rng.choice(pool, n, replace=False, p=p / p.sum()))
+        first = {}                                    # the main concept of each type: visible throughout
+        for i in item:
+            first.setdefault(concepts[i][0], i)
+        span = []
+        for i in item:
+            whole = i == first[concepts[i][0]] or concepts[i][0] in ("scene", "sound")
+            length = N if whole else 1 + int(rng.binomial(N - 1, visible))
+            span.append((int(rng.integers(0, N - length + 1)), length))
+        # --- captions: the main subject and action always, each detail with chance `mention`; with chance
+        # `agreement` an annotator writes the video's first caption again (1: a caption says all the label does)
+        def describe():
+            said = {t: [] for t in TOY_TYPES}
+            for i in item:
+                t, syn = concepts[i]
+                if i == first[t] and t in ("subject", "action") or rng.random() < mention:
+                    said[t].append(syn[pick(rng, SYNONYM_WEIGHTS[:len(syn)], phrasing)])
+            colour = " ".join(said["colour"]) + " " if said["colour"] else ""
+            s = " and ".join(f"a {colour if k == 0 else ''}{w}" for k, w in enumerate(said["subject"]))
+            o = "".join(f" {'with' if k == 0 else 'and'} a {w}" for k, w in enumerate(said["object"]))
+            p = "".join(f" in the {w}" for w in said["scene"])
+            n = "".join(f" while {w} is on" for w in said["sound"])
+            template = list(TOY_PHRASINGS)[pick(rng, list(TOY_PHRASINGS.values()), phrasing)]
+            text = template.format(s=s, a=" and ".join(said["action"]), o=o, p=p, n=n)
+            return text.replace(" is ", " are ", 1) if len(said["subject"]) > 1 else text
+        caps = [describe()]
+        caps += [caps[0] if rng.random() < agreement else describe() for _ in range(n_captions - 1)]
+        content.append([{"type": concepts[i][0], "concept": int(i), "words": concepts[i][1]} for i in item])
+        spans.append(span)
         captions[vid], cats[vid] = caps, c
-    # --- which frames show what: most attributes throughout, object in a long span, object2 + colour briefly
-    N = n_frames
-    spans = {}
-    for v in range(n_videos):
-        long_len = int(rng.integers(N // 2, N + 1))
-        long_start = int(rng.integers(0, N - long_len + 1))
-        short_len = int(rng.integers(2, 5))
-        short_start = int(rng.integers(0, N - short_len + 1))
-        spans[v] = {"object": (long_start, long_len), "object2": (short_start, short_len),
-                    "colour": (short_start, short_len)}
-    bg_of_video = rng.integers(n_backgrounds, size=n_videos)
-    silent = np.array([c["sound"] is None for c in content])
-    # --- rendering: a fixed random "world" (directions) drawn from the seed, scaled per backbone
+    # --- rendering: a fixed random "world" of directions drawn from the seed, scaled per backbone
     signal = TOY_BACKBONES[backbone]
+    bg_of_video = rng.integers(n_backgrounds, size=n_videos)
+    silent = [not any(x["type"] == "sound" for x in item) for item in content]
     feats = {}
     for m, D in dims.items():
-        world = np.random.default_rng([seed, D, len(m)])  # same directions for both backbones
+        g = np.random.default_rng([seed, D, len(m)])  # same directions for both backbones
 
         def unit(*shape):
-            x = world.standard_normal((*shape, D)).astype(np.float32)
+            x = g.standard_normal((*shape, D)).astype(np.float32)
             return x / np.linalg.norm(x, axis=-1, keepdims=True)
-        words = sorted({w for pools in TOY_WORLD.values() for t, _ in TOY_RENDER[m] for w in pools[t.rstrip("2")]})
-        direction = dict(zip(words, unit(len(words))))
-        prototypes = unit(n_backgrounds)
-        video_jitter, frame_noise = unit(n_videos), world.standard_normal((n_videos, N, D)).astype(np.float32)
-        x = frame_noise * (noise / math.sqrt(D))
-        if m != "audio":  # the caption-irrelevant background
-            x += (background * prototypes[bg_of_video] + jitter * video_jitter)[:, None, :]
-        else:
-            x += (jitter * video_jitter)[:, None, :]
+        direction, prototypes, video_jitter = unit(len(concepts)), unit(n_backgrounds), unit(n_videos)
+        x = g.standard_normal((n_videos, N, D)).astype(np.float32) * (noise / math.sqrt(D))
+        x += (jitter * video_jitter + (background * prototypes[bg_of_video] if m != "audio" else 0))[:, None, :]
         for v, item in enumerate(content):
-            for t, strength in TOY_RENDER[m]:
-                if item[t] is None:
-                    continue
-                start, length = spans[v].get(t, (0, N))
-                x[v, start:start + length] += signal * strength * direction[item[t]]
+            for x_i, (start, length) in zip(item, spans[v]):
+                if TOY_TYPES[x_i["type"]][0] == m:
+                    x[v, start:start + length] += signal * direction[x_i["concept"]]
         if m == "audio":
             x[silent] = 0.0  # padded zeros for videos without a soundtrack (Sec. 3.3)
         feats[m] = torch.from_numpy(x)
     splits = {"train": ids[:n_train], "val": ids[n_train:n_train + n_val], "test": ids[n_train + n_val:]}
-    meta = {"backbone": f"{backbone} (simulated)", "content": content, "spans": spans,
-            "background": bg_of_video.tolist(), "silent": silent.tolist(), "seed": seed}
-    return Dataset("toy", splits, captions, cats, categories, feats=feats, meta=meta, synthetic=True)
+    world = [{"type": t, "words": w, "category": int(affinity[:, i].argmax())} for i, (t, w) in enumerate(concepts)]
+    meta = {"backbone": f"{backbone} (simulated)", "content": content, "spans": spans, "concepts": world,
+            "background": bg_of_video.tolist(), "silent": silent, "seed": seed}
+    return Dataset("toy", splits, captions, cats, list(TOY_CATEGORIES), feats=feats, meta=meta, synthetic=True)
 
 
-TOY_SIZES = dict(n_train=400, n_val=50, n_test=200)
+def caption_statistics(dataset, vocab, attributes):
+    """What a dataset's training captions look like to DAP: {statistic: value}.
+
+    A video's label is the union of the attributes in its captions (Sec. 4.1); the mention share is, per
+    caption, the attributes it mentions / its video's label size (mean over captions); document frequency =
+    the number of training videos whose label has the attribute.
+    """
+    train_ids = dataset.splits["train"]
+    labels = attribute_labels([dataset.captions[v] for v in train_ids], attributes).numpy()
+    index = {w: i for i, w in enumerate(attributes)}
+    n_caps, n_words, mentioned, share = [], [], [], []
+    for v, vid in enumerate(train_ids):
+        n_caps.append(len(dataset.captions[vid]))
+        for c in dataset.captions[vid]:
+            words = tokenize(c)
+            k = len({index[w] for w in words if w in index})
+            n_words.append(len(words))
+            mentioned.append(k)
+            share.append(k / max(labels[v].sum(), 1))
+    per_video, df = labels.sum(1), np.sort(labels.sum(0))[::-1]
+    return {"videos": len(train_ids), "captions per video": float(np.mean(n_caps)),
+            "words per caption": float(np.mean(n_words)), "vocabulary": len(vocab) - len(SPECIALS),
+            "K": len(attributes), "attributes per video (mean)": float(per_video.mean()),
+            "attributes per video (median)": float(np.median(per_video)),
+            "attributes per caption": float(np.mean(mentioned)), "mention share": float(np.mean(share)),
+            "videos with the top attribute": int(df[0]), "videos with the median attribute": int(df[len(df) // 2]),
+            "videos with the K-th attribute": int(df[-1])}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -668,6 +692,26 @@ def resume_state(out_dir, cfg, log=print):
     return state
 
 
+def train_epoch(model, optimizer, split, recipe, epoch, progress=True):
+    """One pass over every (video, caption) pair of split in random batches -> the mean of each loss."""
+    device = next(model.parameters()).device
+    model.train()
+    order = torch.randperm(len(split.tokens), generator=torch.Generator().manual_seed(recipe.seed * 1000 + epoch))
+    sums, steps = Counter(), 0
+    bar = tqdm(order.split(recipe.batch_size), desc=f"epoch {epoch + 1}/{recipe.epochs}", leave=False, disable=not progress)
+    for pairs in bar:
+        videos, caps = split.pair_video[pairs.to(device)], split.tokens[pairs.to(device)]
+        caps = caps[:, :int((caps != PAD).sum(1).max())]                         # (B, T) trimmed to the longest
+        out = model({m: x[videos] for m, x in split.feats.items()}, caps, split.labels[videos])  # Eq. 12
+        optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        optimizer.step()
+        sums.update({k: v.item() for k, v in out.items()})
+        steps += 1
+        bar.set_postfix(loss=f"{out['loss'].item():.3f}")
+    return {k: v / steps for k, v in sums.items()}
+
+
 def train(model, data, vocab, attributes, recipe, out_dir=None, state=None, progress=True, log=print,
           on_epoch_end=None, validate=True, meteor=True):
     """Train on data["train"], validate on data["val"] after each epoch -> history; keeps the best weights.
@@ -675,65 +719,45 @@ def train(model, data, vocab, attributes, recipe, out_dir=None, state=None, prog
     out_dir: writes last.pt (every epoch, for --resume) and best.pt (best validation Meta-Sum).
     state: a last.pt (resume_state) to continue from. on_epoch_end(epoch, history): notebooks, tests.
     """
-    train_split, val_split = data["train"], data["val"]
-    device = next(model.parameters()).device
     optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    train_captions = [c for refs in train_split.refs for c in refs]
-    val_refs = coco_tokenize(dict(enumerate(val_split.refs))) if validate else None
+    train_captions = [c for refs in data["train"].refs for c in refs]
+    val_refs = coco_tokenize(dict(enumerate(data["val"].refs))) if validate else None
     history, best_score, best_state, start = [], -math.inf, None, 0
     if state is not None:
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         history, best_score, best_state, start = state["history"], state["best_score"], state["best_state"], state["epoch"] + 1
         torch.set_rng_state(state["rng"].cpu())
-        if "cuda_rng" in state and torch.cuda.is_available():
+        if state["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([r.cpu() for r in state["cuda_rng"]])
         log(f"resuming from {out_dir}/last.pt after epoch {start} of {recipe.epochs}")
     checkpoint = lambda weights, **more: {"config": dataclasses.asdict(model.cfg), "state_dict": weights,
                                           "vocab": list(vocab), "attributes": list(attributes), **more}
-    n_pairs = len(train_split.tokens)
     for epoch in range(start, recipe.epochs):
         t0 = time.time()
         for group in optimizer.param_groups:  # StepLR(gamma=0.9) per epoch (models/Wrapper.py), floored
             group["lr"] = max(recipe.lr * recipe.lr_decay ** epoch, recipe.min_lr)
-        model.train()
-        order = torch.randperm(n_pairs, generator=torch.Generator().manual_seed(recipe.seed * 1000 + epoch))
-        sums, steps = Counter(), 0
-        bar = tqdm(range(0, n_pairs, recipe.batch_size), desc=f"epoch {epoch + 1}/{recipe.epochs}", leave=False,
-                   disable=not progress)
-        for i in bar:
-            pairs = order[i:i + recipe.batch_size].to(device)
-            videos, caps = train_split.pair_video[pairs], train_split.tokens[pairs]
-            caps = caps[:, :int((caps != PAD).sum(1).max())]                     # (B, T) trimmed to the longest
-            feats = {m: x[videos] for m, x in train_split.feats.items()}           # (B, N, D) per modality
-            out = model(feats, caps, train_split.labels[videos])                  # Eq. 12
-            optimizer.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            optimizer.step()
-            sums.update({k: v.item() for k, v in out.items()})
-            steps += 1
-            bar.set_postfix(loss=f"{out['loss'].item():.3f}")
-        record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **{k: v / steps for k, v in sums.items()}}
+        record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
+                  **train_epoch(model, optimizer, data["train"], recipe, epoch, progress)}
         score = epoch  # without validation the last epoch is kept
         if validate:
-            metrics, _ = evaluate(model, val_split, vocab, attributes, train_captions, recipe.beam_size,
+            metrics, _ = evaluate(model, data["val"], vocab, attributes, train_captions, recipe.beam_size,
                                   tokenized_refs=val_refs, progress=progress, meteor=meteor)
             record.update({f"val_{k}": v for k, v in metrics.items()})
             score = metrics["Meta-Sum"]
         record["time_s"] = time.time() - t0
         history.append(record)
+        log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
+                     if k in ("epoch", "loss", "cap", "vap", "tap", "val_Meta-Sum", "val_mAP-VAP", "time_s")))
         if score > best_score:
             best_score, best_state = score, {k: v.detach().clone() for k, v in model.state_dict().items()}
             if out_dir:
                 save_checkpoint(checkpoint(best_state, epoch=epoch + 1, val_meta_sum=score), Path(out_dir) / "best.pt")
-        log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
-                     if k in ("epoch", "loss", "cap", "vap", "tap", "val_Meta-Sum", "val_mAP-VAP", "time_s")))
-        if out_dir:
+        if out_dir:  # everything --resume needs, the random state included
             save_checkpoint(checkpoint(model.state_dict(), optimizer=optimizer.state_dict(), history=history,
                                        best_score=best_score, best_state=best_state, epoch=epoch,
-                                       rng=torch.get_rng_state(), **({"cuda_rng": torch.cuda.get_rng_state_all()}
-                                                                     if torch.cuda.is_available() else {})),
-                            Path(out_dir) / "last.pt")
+                                       rng=torch.get_rng_state(), cuda_rng=torch.cuda.get_rng_state_all()
+                                       if torch.cuda.is_available() else []), Path(out_dir) / "last.pt")
         if on_epoch_end:
             on_epoch_end(epoch, history)
     if best_state is not None:
@@ -741,19 +765,21 @@ def train(model, data, vocab, attributes, recipe, out_dir=None, state=None, prog
     return history
 
 
-def train_model(task, data, vocab, attributes, device="cpu", dataset="toy", out_dir=None, resume=False,
-                log=print, **kw):
+def train_model(task, data, vocab, attributes, device="cpu", out_dir=None, resume=False, log=print, dataset="toy",
+                **kw):
     """Build and train a model for task base | vap | tap | dap on prepared data -> (model, history).
 
-    kw: Recipe fields (default: the dataset's recipe) and train()'s options (progress, on_epoch_end, ...).
+    kw: Recipe fields (the rest from the dataset's recipe) and train()'s options (progress, on_epoch_end, ...).
     """
     names = {f.name for f in dataclasses.fields(Recipe)}
     recipe = recipe_for(dataset, **{k: v for k, v in kw.items() if k in names})
-    torch.manual_seed(recipe.seed)
     dims = {m: x.size(-1) for m, x in data["train"].feats.items()}
     cfg = model_config(task, recipe, dims, vocab, attributes)
     state = resume_state(out_dir, cfg, log) if resume else None
+    torch.manual_seed(recipe.seed)
     model = dap.CaptionModel(cfg).to(device)
+    log(f"{task}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {recipe.epochs} epochs, "
+        f"{len(data['train'].tokens)} training pairs")
     data = {s: d.to(device) for s, d in data.items()}
     history = train(model, data, vocab, attributes, recipe, out_dir, state, log=log,
                     **{k: v for k, v in kw.items() if k not in names})
@@ -972,9 +998,9 @@ def get_args(argv=None):
                    "small matrices gain little from more and slow down badly when cores are shared; else torch's)")
     toy = p.add_argument_group("toy dataset (SYNTHETIC)")
     toy.add_argument("--backbone", default="clip", choices=list(TOY_BACKBONES), help="simulated backbone")
-    toy.add_argument("--toy_train", type=count, default=TOY_SIZES["n_train"])
-    toy.add_argument("--toy_val", type=count, default=TOY_SIZES["n_val"])
-    toy.add_argument("--toy_test", type=count, default=TOY_SIZES["n_test"])
+    toy.add_argument("--toy_train", type=count, help="training videos (default: make_toy's)")
+    toy.add_argument("--toy_val", type=count)
+    toy.add_argument("--toy_test", type=count)
     toy.add_argument("--toy_seed", type=number(int, 0), help="seed of the toy data (default: --seed)")
     toy.add_argument("--table", action="store_true", help="toy Base/VAP/TAP/DAP over --seeds, mean ± std")
     toy.add_argument("--seeds", type=number(int, 0), nargs="+", default=[0, 1, 2])
@@ -1001,8 +1027,9 @@ def load_data(args, vocab=None, attributes=None, log=print):
     """Dataset, features, vocabulary and attributes for args -> (dataset, {split: Split}, vocab, attributes)."""
     recipe = args.recipe
     if args.dataset == "toy":
-        ds = make_toy(seed=recipe.seed if args.toy_seed is None else args.toy_seed, n_train=args.toy_train,
-                      n_val=args.toy_val, n_test=args.toy_test, n_frames=recipe.n_frames, backbone=args.backbone)
+        sizes = {"n_train": args.toy_train, "n_val": args.toy_val, "n_test": args.toy_test}
+        ds = make_toy(seed=recipe.seed if args.toy_seed is None else args.toy_seed, n_frames=recipe.n_frames,
+                      backbone=args.backbone, **{k: v for k, v in sizes.items() if v is not None})
         feats = ds.feats
         log(f"toy dataset: SYNTHETIC, backbone {ds.meta['backbone']}, "
             + ", ".join(f"{s} {len(ds.splits[s])}" for s in SPLITS) + " videos")
@@ -1046,7 +1073,6 @@ def run(args, task, log=print):
                   "data": {k: getattr(args, k) for k in ("dataset", "data", "feats", "attr_pos", "backbone", "toy_train",
                                                          "toy_val", "toy_test", "toy_seed")},
                   "synthetic": ds.synthetic, "features": None if ds.synthetic else feature_provenance(parse_feats(args.feats))}
-        state = None
         if args.resume and (out_dir / "config.json").is_file():  # the same run, perhaps with more epochs
             before = read_meta(out_dir / "config.json")
             same = lambda c: [c.get("task"), {**c.get("recipe", {}), "epochs": 0}, c.get("model"), c.get("data")]
@@ -1054,17 +1080,14 @@ def run(args, task, log=print):
             if differ:
                 raise ValueError(f"--resume: {out_dir} holds a run with other {' and '.join(differ)} settings "
                                  f"(see its config.json): give the same options, or another --out")
-        state = resume_state(out_dir, cfg, log) if args.resume else None
+        if args.resume:
+            resume_state(out_dir, cfg, log=lambda *a: None)  # its last.pt too, before anything is written
         out_dir.mkdir(parents=True, exist_ok=True)
         for name, obj in [("config.json", config), ("vocab.json", vocab), ("attributes.json", attributes)]:
             write_json(out_dir / name, obj)
-        torch.manual_seed(recipe.seed)
-        model = dap.CaptionModel(cfg).to(args.device)
-        log(f"{task}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {recipe.epochs} epochs, "
-            f"{len(data['train'].tokens)} training pairs")
         t0 = time.time()
-        data = {s: d.to(args.device) for s, d in data.items()}
-        history = train(model, data, vocab, attributes, recipe, out_dir, state, progress=not args.no_progress, log=log)
+        model, history = train_model(task, data, vocab, attributes, args.device, out_dir, args.resume, log,
+                                     progress=not args.no_progress, **dataclasses.asdict(recipe))
         train_time = time.time() - t0
     test = data["test"].to(args.device)
     metrics, results = evaluate(model, test, vocab, attributes, [c for refs in data["train"].refs for c in refs],
@@ -1253,19 +1276,18 @@ def clip_scores(candidates, references, image_feats, text_model, batch_size=256)
     candidates: [caption] per video; references: [[caption]] per video; image_feats: (V, N, D) CLIP frame
     embeddings from the checkpoint of text_model (see load_clipscore_model).
     """
-    from extract import encode_captions
     V = len(candidates)
     if image_feats.shape[0] != V or len(references) != V:
         raise ValueError(f"CLIPScore: {V} captions, {len(references)} reference lists, {image_feats.shape[0]} videos")
     if any(len(refs) == 0 for refs in references):
         raise ValueError(f"CLIPScore: video #{next(i for i, r in enumerate(references) if not r)} has no reference")
     video = image_feats.float().mean(dim=1).cpu()                                          # (V, D)
-    caption = encode_captions(text_model, list(candidates), CLIPSCORE_PREFIX, batch_size)  # (V, D)
+    caption = extract.encode_captions(text_model, list(candidates), CLIPSCORE_PREFIX, batch_size)  # (V, D)
     if caption.shape[1] != video.shape[1]:
         raise ValueError(f"CLIPScore: {video.shape[1]}-d image features but {caption.shape[1]}-d CLIP text "
                          "embeddings: the features are not from this CLIP checkpoint")
     counts = [len(refs) for refs in references]
-    flat = encode_captions(text_model, [r for refs in references for r in refs], CLIPSCORE_PREFIX, batch_size)
+    flat = extract.encode_captions(text_model, [r for refs in references for r in refs], CLIPSCORE_PREFIX, batch_size)
     ref_emb = torch.nn.utils.rnn.pad_sequence(flat.split(counts), batch_first=True)     # (V, R, D)
     ref_mask = torch.arange(ref_emb.shape[1]) < torch.tensor(counts)[:, None]              # (V, R)
     return {"CLIPScore": 100 * clip_score(video, caption).mean().item(),
@@ -1274,12 +1296,11 @@ def clip_scores(candidates, references, image_feats, text_model, batch_size=256)
 
 def load_clipscore_model(image_feats_dir, weights=None, device="cpu"):
     """CLIP's text tower from the checkpoint that wrote image_feats_dir; its meta.json's SHA-256 must match."""
-    import extract
     meta_path = Path(image_feats_dir) / "meta.json"
     if not meta_path.is_file():
         raise FileNotFoundError(f"--clipscore: {meta_path} not found; CLIPScore needs image features written by "
                                 "extract.py with a CLIP backbone (its meta.json names the checkpoint)")
-    meta = json.loads(meta_path.read_text())
+    meta = read_meta(meta_path)
     backbone, expected = meta.get("backbone"), meta.get("weights_sha256")
     try:
         model, sha = extract.load_clip_text(backbone, weights, device)
@@ -1333,8 +1354,83 @@ def run_table(args, log=print):
     return rows
 
 
+# The study of notebook 04: each cell changes one factor of the default toy (make_toy's arguments, the recipe,
+# or, for diagnostics, the model) and trains its tasks over three seeds. cell: (make_toy, tasks, variant, recipe)
+STUDY_CELLS = {
+    "default": ({}, list(TASKS), "paper", {}),                     # MSR-VTT-like: 20 captions, 13% mention share
+    "long": ({}, list(TASKS), "paper", {"epochs": 24}),            # twice the schedule
+    "share50": ({"agreement": 0.85}, list(TASKS), "paper", {}),    # annotators agree: a caption names ~50%
+    "share100": ({"agreement": 1.0}, list(TASKS), "paper", {}),    # a caption names the whole label
+    "train100": ({"n_train": 100}, list(TASKS), "paper", {}),
+    "inp": ({"backbone": "inp"}, list(TASKS), "paper", {}),        # a weak attribute signal
+    "vap_detached": ({}, ["vap", "dap"], "vap_detached", {}),      # VAP's gradient stopped before the encoder
+    "lambda_v=0.1": ({}, ["vap", "dap"], "lambda_v=0.1", {}),      # VAP weighted 0.1 in Eq. 12
+    "no_ss": ({}, ["vap", "dap"], "no_ss", {}),                    # VAP without sparse sampling
+    "visible100": ({"visible": 1.0}, ["base", "vap", "dap"], "paper", {}),  # every attribute in every frame
+    "train900": ({"n_train": 900}, ["base", "dap"], "paper", {}),
+    "d256": ({}, ["base", "vap", "dap"], "paper", {"d_model": 256}),
+}
+STUDY_FRAMES = [4, 2, 1]  # fewer frames at inference (Fig. 7)
+
+
+def study_run(cell, task, seed, log=lambda *a: None):
+    """Train and test one (cell, task, seed) of the study -> a JSON-able record."""
+    toy_kw, _, variant, recipe_kw = STUDY_CELLS[cell]
+    recipe = recipe_for("toy", seed=seed, sparse_sampling=variant != "no_ss", **recipe_kw)
+    t0 = time.time()
+    ds = make_toy(seed=seed, n_frames=recipe.n_frames, **toy_kw)
+    captions = training_captions(ds)
+    vocab = build_vocab(captions)
+    attributes = build_attributes(captions, vocab, recipe.n_attributes, log=log)
+    data = prepare(ds, ds.feats, vocab, attributes)
+    cfg = model_config(task, recipe, {m: x.size(-1) for m, x in ds.feats.items()}, vocab, attributes)
+    torch.manual_seed(seed)
+    model = dap.CaptionModel(dataclasses.replace(cfg, lambda_v=0.1) if variant == "lambda_v=0.1" else cfg)
+    if variant == "vap_detached":  # a diagnostic, not the paper: VAP reads F without training the encoder
+        model.video_attribute_p_raw = lambda memory: torch.sigmoid(model.vap_net(memory.detach()))
+    history = train(model, data, vocab, attributes, recipe, progress=False, log=log)
+    t_train = time.time() - t0
+    test = lambda n=None: evaluate(model, data["test"], vocab, attributes, captions, progress=False, n_frames=n)[0]
+    return {"cell": cell, "task": task, "seed": seed, "variant": variant, "toy": toy_kw, "recipe": dataclasses.asdict(recipe),
+            "test": test(), "test_fewer_frames": {str(n): test(n) for n in STUDY_FRAMES},
+            "best_epoch": int(np.argmax([h["val_Meta-Sum"] for h in history])) + 1,
+            "val_meta_sum": [round(h["val_Meta-Sum"], 2) for h in history],
+            "data_statistics": caption_statistics(ds, vocab, attributes), "train_s": round(t_train, 1),
+            "total_s": round(time.time() - t0, 1)}
+
+
+def study_summary(runs):
+    """{cell: {task: {metric: [mean, std, n]}}} over the seeds present (population std)."""
+    groups = {}
+    for r in runs.values():
+        groups.setdefault(r["cell"], {}).setdefault(r["task"], []).append(r)
+    summary = {}
+    for cell, tasks in groups.items():
+        for task, rs in tasks.items():
+            values = {k: [r["test"][k] for r in rs] for k in rs[0]["test"] if rs[0]["test"][k] is not None}
+            values.update({f"{k}@{n}f": [r["test_fewer_frames"][str(n)][k] for r in rs] for n in STUDY_FRAMES
+                           for k in ("CIDEr", "Meta-Sum", "mAP-VAP") if k in rs[0]["test"]})
+            summary.setdefault(cell, {})[task] = {k: [round(float(np.mean(v)), 2), round(float(np.std(v)), 2), len(v)]
+                                                 for k, v in values.items()}
+    return summary
+
+
 def run_study(args, log=print):
-    raise NotImplementedError
+    """--study: every (cell, task, seed) not yet in the output JSON, then its summary (resumable)."""
+    path = Path(args.out or Path(__file__).parent / "notebooks" / "toy_study.json")
+    study = read_meta(path) if path.is_file() else {"runs": {}}
+    for cell, (_, tasks, _, _) in STUDY_CELLS.items():
+        for seed in args.seeds:
+            for task in tasks:
+                key = f"{cell}|{task}|{seed}"
+                if key in study["runs"]:
+                    continue
+                study["runs"][key] = record = study_run(cell, task, seed)
+                log(f"{key}: Meta-Sum {record['test']['Meta-Sum']:.1f}, CIDEr {record['test']['CIDEr']:.1f} "
+                    f"({record['total_s']:.0f} s)")
+                study["summary"] = study_summary(study["runs"])
+                write_json(path, study)
+    return study
 
 if __name__ == "__main__":
     main()

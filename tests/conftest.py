@@ -36,12 +36,11 @@ def shared_dir():
 
 
 @torch.no_grad()
-def reference_beam_search(model, feats, beam_size, max_len=None, length_penalty=1.0):
+def reference_beam_search(model, feats, beam_size, max_len=None, length_penalty=1.0, first=BOS, never=(PAD, BOS)):
     """The authors' beam search, one video at a time, recomputing every prefix: a transcription of
     misc/Decoding/Beam.py (Beam.advance, sort_finished) as models/Translator.py drives it, with the two
-    documented differences of dap.py (BOS as the first input; PAD and BOS never produced).
-
-    Returns one list of word ids (no BOS, no EOS) per video.
+    documented differences of dap.py (first: the first input, theirs PAD; never: the words that cannot be
+    produced, theirs none) as arguments. Returns one list of word ids (no BOS, no EOS) per video.
     """
     V, k, steps = model.cfg.vocab_size, beam_size, (max_len or model.cfg.max_len) - 1
     captions = []
@@ -49,13 +48,13 @@ def reference_beam_search(model, feats, beam_size, max_len=None, length_penalty=
         memory = model.encode({m: f[b:b + 1] for m, f in feats.items()})
         rows, scores, finished = [[]], torch.zeros(1), []     # the beam: word lists and summed log p
         for t in range(steps):
-            tokens = torch.tensor([[BOS] + words for words in rows])
+            tokens = torch.tensor([[BOS] + words for words in rows] if t else [[first]])
             x = model.embedding(tokens)                       # the whole prefix, every step
             causal = torch.ones(t + 1, t + 1, dtype=torch.bool).tril()
             for layer in model.layers:
                 x = layer(x, memory.expand(len(rows), -1, -1), causal)
             log_p = model.head(x[:, -1]).log_softmax(-1)      # the head only where it is needed
-            log_p[:, [PAD, BOS]] = float("-inf")
+            log_p[:, list(never)] = float("-inf")
             ended = torch.tensor([bool(words) and words[-1] == EOS for words in rows])
             candidates = (scores[:, None] + log_p).masked_fill(ended[:, None], float("-inf")).view(-1)
             scores, top = candidates.topk(k)                  # sorted, best first
@@ -202,3 +201,10 @@ def no_java(monkeypatch):
     """PTB tokenisation and METEOR start Java (seconds); the end-to-end tests use the Python fallback."""
     monkeypatch.setattr(train, "java_available", lambda: False)
     warnings.filterwarnings("ignore", "Java not found")
+
+
+def pytest_collection_modifyitems(items):
+    """The notebooks (nbmake) are end-to-end runs: slow, outside the specification suite (pytest -m "not slow")."""
+    for item in items:
+        if item.path.suffix == ".ipynb":
+            item.add_marker(pytest.mark.slow)

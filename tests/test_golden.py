@@ -12,6 +12,7 @@ import torch
 
 import dap
 import train
+from conftest import reference_beam_search
 from dap import PAD
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -97,6 +98,17 @@ def test_greedy_and_beam_search_equal_the_authors(golden, beam_size):
     found = model.generate(feats_of(g["gen_feats"]), beam_size=beam_size)
     assert [[w for w in row if w != PAD] for row in found.tolist()] == expected
     assert len({len(c) for c in expected}) > 2                           # realistic, varied lengths
+
+
+@pytest.mark.parametrize("variant", ["as_is", "bos_first", "patched"])
+def test_the_per_video_transcription_reproduces_their_translator(golden, variant):
+    """conftest.reference_beam_search, the specification the batched search is tested against, is their
+    Beam: with their first input (PAD) and nothing forbidden it gives what their unchanged code gave."""
+    model, g = golden
+    first, never = {"as_is": (PAD, ()), "bos_first": (dap.BOS, ()), "patched": (dap.BOS, (PAD, dap.BOS))}[variant]
+    for beam_size in (1, 5):
+        found = reference_beam_search(model, feats_of(g["gen_feats"]), beam_size, first=first, never=never)
+        assert found == [[w for w in c if w != dap.EOS] for c in g["generation"][f"beam{beam_size}_{variant}"]["tokens"]]
 
 
 # ----------------------------------------------------------------------------------------------
