@@ -1320,15 +1320,19 @@ def load_clipscore_model(image_feats_dir, weights=None, device="cpu"):
 def run_toy_comparison(args, log=print):
     """python train.py: Base and DAP on the same SYNTHETIC toy data, side by side, and three test videos."""
     runs = {task: run(args, task, log) for task in ("base", "dap")}
+    _, data, _, attributes = load_data(args, log=lambda *a: None)  # the test videos' references and labels
+    test = data["test"]
     rows = {"Base": runs["base"][0], "DAP": runs["dap"][0]}
-    log(format_table(rows, f"SYNTHETIC toy data ({args.backbone}-like simulated backbone), test set, seed "
-                           f"{args.recipe.seed}: Base vs DAP"))
-    for base, with_dap in list(zip(runs["base"][1], runs["dap"][1]))[:3]:
-        attrs = ", ".join(f"{w} {p:.2f}" for w, p in with_dap["attributes"][:5])
-        log(f"{base['video_id']}\n  Base: {base['caption']}\n  DAP:  {with_dap['caption']}\n  DAP's top attributes: {attrs}")
+    log("\n" + format_table(rows, f"SYNTHETIC toy data, simulated {args.backbone}-like backbone, "
+                                  f"{len(test.ids)} test videos, seed {args.recipe.seed}: Base vs DAP"))
+    for v, (base, with_dap) in enumerate(list(zip(runs["base"][1], runs["dap"][1]))[:3]):
+        label = {w for w, x in zip(attributes, test.labels[v].tolist()) if x}
+        attrs = ", ".join(f"{w} {p:.2f}{'*' if w in label else ''}" for w, p in with_dap["attributes"][:6])
+        log(f"{base['video_id']}  one of its captions: {test.refs[v][0]}\n  Base: {base['caption']}\n"
+            f"  DAP:  {with_dap['caption']}\n  DAP's top attributes (* = in the video's label): {attrs}")
     gain = rows["DAP"]["Meta-Sum"] - rows["Base"]["Meta-Sum"]
-    log(f"On this SYNTHETIC toy DAP {'gains' if gain > 0 else 'loses'} {abs(gain):.1f} Meta-Sum over Base (one seed); "
-        "notebook 04's study shows across seeds and settings when it helps.")
+    log(f"\nOn this SYNTHETIC toy, DAP {'gains' if gain > 0 else 'loses'} {abs(gain):.1f} Meta-Sum against Base "
+        "with this seed; notebook 04 shows over seeds and settings when DAP helps and when it does not.")
     return rows
 
 
@@ -1400,7 +1404,7 @@ def study_run(cell, task, seed, log=lambda *a: None):
 
 
 def study_summary(runs):
-    """{cell: {task: {metric: [mean, std, n]}}} over the seeds present (population std)."""
+    """{cell: {task: {metric: [mean, std, n], "seeds": [...]}, "data_statistics": {...}}} (population std)."""
     groups = {}
     for r in runs.values():
         groups.setdefault(r["cell"], {}).setdefault(r["task"], []).append(r)
@@ -1409,9 +1413,12 @@ def study_summary(runs):
         for task, rs in tasks.items():
             values = {k: [r["test"][k] for r in rs] for k in rs[0]["test"] if rs[0]["test"][k] is not None}
             values.update({f"{k}@{n}f": [r["test_fewer_frames"][str(n)][k] for r in rs] for n in STUDY_FRAMES
-                           for k in ("CIDEr", "Meta-Sum", "mAP-VAP") if k in rs[0]["test"]})
-            summary.setdefault(cell, {})[task] = {k: [round(float(np.mean(v)), 2), round(float(np.std(v)), 2), len(v)]
-                                                 for k, v in values.items()}
+                           for k in ("CIDEr", "Meta-Sum", "mAP-VAP") if rs[0]["test"].get(k) is not None})
+            row = {k: [round(float(np.mean(v)), 2), round(float(np.std(v)), 2), len(v)] for k, v in values.items()}
+            summary.setdefault(cell, {})[task] = {**row, "seeds": sorted(r["seed"] for r in rs),
+                                                  "train_s": round(float(np.mean([r["train_s"] for r in rs])), 1)}
+        stats = [r["data_statistics"] for r in {r["seed"]: r for rs in tasks.values() for r in rs}.values()]
+        summary[cell]["data_statistics"] = {k: round(float(np.mean([x[k] for x in stats])), 3) for k in stats[0]}
     return summary
 
 

@@ -23,6 +23,8 @@ sys.path.insert(0, str(ROOT))
 from dap import BOS, EOS, PAD  # noqa: E402
 import train  # noqa: E402
 
+torch.set_num_threads(1)  # the tests' small tensors: one thread is faster, and immune to a busy machine
+
 N_TEST_FRAMES = 40  # frames in the generated test video
 
 

@@ -263,13 +263,13 @@ def test_beam_of_one_is_greedy_search():
 
 
 @pytest.mark.parametrize("eos_logit", [0.0, 6.0], ids=["max-length", "realistic-length"])
-@pytest.mark.parametrize("beam_size,alpha", [(2, 1.0), (5, 1.0), (5, 0.5), (4, 1.5)])
+@pytest.mark.parametrize("beam_size,alpha", [(2, 1.0), (5, 0.5), (4, 1.5)])
 def test_batched_beam_search_equals_the_authors_rule_per_video(eos_logit, beam_size, alpha):
     """All videos at once with a cache, done videos dropped, vs one video at a time, no cache."""
-    cfg = tiny_config(vocab_size=60, d_model=32, max_len=20)
+    cfg = tiny_config(vocab_size=60, d_model=32, max_len=14)
     torch.manual_seed(14)
     model = eos_biased(dap.CaptionModel(cfg), scale=6, eos_logit=eos_logit).eval()
-    feats = random_feats(cfg, B=12)
+    feats = random_feats(cfg, B=8)
     found = [[w for w in row if w != PAD] for row in model.generate(feats, beam_size, length_penalty=alpha).tolist()]
     assert found == reference_beam_search(model, feats, beam_size, length_penalty=alpha)
 
@@ -321,9 +321,9 @@ def test_tiny_model_overfits_tiny_caption_set():
     labels = torch.zeros(4, 6)
     labels[:, :3] = 1
     model = dap.CaptionModel(cfg)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     first = None
-    for step in range(300):
+    for step in range(150):
         loss = model(feats, caps, labels)["loss"]
         first = first if first is not None else loss.item()
         opt.zero_grad()

@@ -215,6 +215,7 @@ def test_attr_pos_without_tagger_data_says_how_to_get_it(monkeypatch, tmp_path):
 # Evaluation
 
 
+@pytest.mark.slow  # starts Java (PTB tokenizer, METEOR)
 def test_caption_scores_with_pycocoevalcap():
     if not train.java_available():
         pytest.skip("no Java: METEOR and the PTB tokenizer need it")
@@ -374,6 +375,38 @@ def test_cli_errors():
     assert train.get_args([]).recipe.d_model == train.DATASET_RECIPES["toy"]["d_model"]
     assert train.get_args(["--dataset", "msrvtt", "--data", "x", "--feats", "image=y"]).recipe == train.Recipe()
     assert train.get_args(["--dataset", "vatex", "--data", "x", "--feats", "image=y"]).recipe.d_model == 1024
+
+
+@pytest.mark.slow
+def test_the_default_run_compares_base_and_dap(tmp_path, no_java, monkeypatch, capsys):
+    """python train.py: Base and DAP side by side, three test videos with DAP's attributes, one line of meaning."""
+    monkeypatch.chdir(tmp_path)
+    rows = train.main(TINY + ["--epochs", "1"])
+    assert list(rows) == ["Base", "DAP"] and "mAP-VAP" in rows["DAP"] and "mAP-VAP" not in rows["Base"]
+    out = capsys.readouterr().out
+    assert "SYNTHETIC" in out and out.count("  DAP:  ") == 3 and "DAP's top attributes" in out
+    assert "Meta-Sum against Base" in out.splitlines()[-1]
+    assert (tmp_path / "out" / "toy-base-seed0" / "best.pt").exists() and (tmp_path / "out" / "toy-dap-seed0").is_dir()
+
+
+def test_study_resumes_and_summarises_over_seeds(tmp_path, monkeypatch):
+    """--study runs each (cell, task, seed) once, saves after each, and summarises mean, std and count."""
+    calls = []
+
+    def fake_run(cell, task, seed):
+        calls.append((cell, task, seed))
+        test = {"Meta-Sum": 100.0 + seed, "CIDEr": 50.0, "mAP-VAP": None}
+        return {"cell": cell, "task": task, "seed": seed, "test": test, "total_s": 1.0, "train_s": 1.0,
+                "test_fewer_frames": {str(n): test for n in train.STUDY_FRAMES}, "data_statistics": {"K": 10}}
+    monkeypatch.setattr(train, "study_run", fake_run)
+    monkeypatch.setattr(train, "STUDY_CELLS", {"default": ({}, ["base", "dap"], "paper", {})})
+    args = train.get_args(["--study", "--seeds", "0", "1", "--out", str(tmp_path / "s.json")])
+    train.run_study(args, log=lambda *a: None)
+    assert len(calls) == 4
+    summary = json.loads((tmp_path / "s.json").read_text())["summary"]
+    assert summary["default"]["dap"]["Meta-Sum"] == [100.5, 0.5, 2] and "mAP-VAP" not in summary["default"]["dap"]
+    train.run_study(args, log=lambda *a: None)                 # everything is there: nothing runs again
+    assert len(calls) == 4
 
 
 @pytest.mark.slow
