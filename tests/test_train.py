@@ -1,4 +1,7 @@
-"""train.py: datasets, features, vocabulary/attributes, evaluation against hand computations, a tiny toy run."""
+"""train.py: the datasets (MSR-VTT on the real annotations when ../shared exists, VATEX on a fixture in the
+official format, the SYNTHETIC toy), features (.npy and HDF5, extract.py's frame rule), vocabulary and
+attributes, the metrics against hand computations, the study's bookkeeping, and end-to-end toy runs
+(train, reload, --eval_only, --resume, the default Base-vs-DAP run, --table)."""
 import json
 import zipfile
 
@@ -20,7 +23,7 @@ def msrvtt():
     from conftest import SHARED
     path = SHARED / "data" / "msrvtt"
     if not path.is_dir():
-        pytest.skip(f"{path} is absent: the real MSR-VTT annotations exist only on the developers' machines")
+        pytest.skip(f"needs the MSR-VTT annotations at {path} (developers' machines only)")
     ds = train.load_msrvtt(path)
     captions = train.training_captions(ds)
     vocab = train.build_vocab(captions)
