@@ -984,7 +984,7 @@ def get_args(argv=None):
     p.add_argument("--seed", type=number(int, 0))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="output directory (default out/<dataset>-<task>-seed<seed>; --eval_only: "
-                   "<ckpt dir>/eval)")
+                   "<ckpt dir>/eval; the default run: DIR/base and DIR/dap)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
     p.add_argument("--eval_only", action="store_true")
     p.add_argument("--ckpt", help="checkpoint (best.pt or last.pt) for --eval_only or --caption")
@@ -1323,15 +1323,17 @@ def load_clipscore_model(image_feats_dir, weights=None, device="cpu"):
 def run_toy_comparison(args, log=print):
     """python train.py: Base and DAP on the same SYNTHETIC toy data, side by side, and three test videos.
 
-    The two runs are independent: with two CPU cores they train at once, one process and one thread each
-    (the same results as one after the other, in about 60% of the time).
+    The two runs are independent (--out DIR: DIR/base and DIR/dap): with two CPU cores they train at once,
+    one process and one thread each (the same results as one after the other, in about 60% of the time).
     """
+    tasks = ("base", "dap")
+    each = [argparse.Namespace(**{**vars(args), "out": args.out and str(Path(args.out) / task)}) for task in tasks]
     if (os.cpu_count() or 1) > 1 and args.threads == 1 and args.device == "cpu":
         spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
         with ProcessPoolExecutor(2, mp_context=spawn) as pool:
-            runs = dict(zip(("base", "dap"), pool.map(run_in_worker, [args] * 2, ("base", "dap"))))
+            runs = dict(zip(tasks, pool.map(run_in_worker, each, tasks)))
     else:
-        runs = {task: run(args, task, log) for task in ("base", "dap")}
+        runs = {task: run(task_args, task, log) for task_args, task in zip(each, tasks)}
     _, data, _, attributes = load_data(args, log=lambda *a: None)  # the test videos' references and labels
     test = data["test"]
     rows = {"Base": runs["base"][0], "DAP": runs["dap"][0]}

@@ -158,8 +158,8 @@ def test_other_backbone_weights_are_refused(run, tmp_path):
 def test_toy_checkpoint_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "java_available", lambda: False)
     with pytest.warns(UserWarning, match="METEOR"):
-        train.main(["--epochs", "1", "--toy_train", "8", "--toy_val", "2", "--toy_test", "2", "--d_model", "16",
-                    "--beam_size", "1", "--no_progress", "--out", str(tmp_path / "toy")])
+        train.main(["--task", "dap", "--epochs", "1", "--toy_train", "8", "--toy_val", "2", "--toy_test", "2",
+                    "--d_model", "16", "--beam_size", "1", "--no_progress", "--out", str(tmp_path / "toy")])
     video = make_video(tmp_path / "v.mp4", 8)
     with pytest.raises(SystemExit, match="SYNTHETIC toy dataset.*no backbone"):
         train.main(["--caption", str(video), "--ckpt", str(tmp_path / "toy" / "best.pt")])

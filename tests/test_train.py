@@ -392,6 +392,15 @@ def test_the_default_run_compares_base_and_dap(tmp_path, no_java, monkeypatch, c
     assert (tmp_path / "out" / "toy-base-seed0" / "best.pt").exists() and (tmp_path / "out" / "toy-dap-seed0").is_dir()
 
 
+@pytest.mark.slow
+def test_the_default_run_gives_each_task_its_own_out_folder(tmp_path, no_java):
+    """--out DIR with the default run: Base in DIR/base, DAP in DIR/dap (they used to overwrite each other)."""
+    train.main(TINY + ["--epochs", "1", "--out", str(tmp_path / "cmp")])
+    for task in ("base", "dap"):
+        assert train.read_meta(tmp_path / "cmp" / task / "config.json")["task"] == task
+        assert (tmp_path / "cmp" / task / "best.pt").exists()
+
+
 def test_study_resumes_and_summarises_over_seeds(tmp_path, monkeypatch):
     """--study runs each (cell, task, seed) once, saves after each, and summarises mean, std and count."""
     calls = []
