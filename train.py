@@ -653,7 +653,7 @@ def save_checkpoint(obj, path):
 
 
 def write_json(path, obj):
-    extract.atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1)))
+    extract.write_text(path, json.dumps(obj, indent=1))
 
 
 def read_checkpoint(path, device="cpu"):
@@ -1373,7 +1373,7 @@ def run_table(args, log=print):
     table = format_table(rows, f"SYNTHETIC toy dataset, simulated {args.backbone}-like backbone, test set, "
                                f"mean ± std over seeds {args.seeds}")
     out = Path(args.out or "out/toy-table")
-    (out / "table.md").write_text(table + "\n")
+    extract.write_text(out / "table.md", table + "\n")
     write_json(out / "table.json", raw)
     log(table)
     return rows
@@ -1394,6 +1394,7 @@ STUDY_CELLS = {
     "train900": ({"n_train": 900}, ["base", "dap"], "paper", {}),
 }
 STUDY_FRAMES = [4, 2, 1]  # fewer frames at inference (Fig. 7)
+STUDY_PATH = Path(__file__).parent / "notebooks" / "toy_study.json"  # --study's output, read by notebooks 04 and 05
 
 
 def study_run(cell, task, seed, log=lambda *a: None):
@@ -1443,7 +1444,7 @@ def study_summary(runs):
 
 def run_study(args, log=print):
     """--study: every (cell, task, seed) not yet in the output JSON, then its summary (resumable)."""
-    path = Path(args.out or Path(__file__).parent / "notebooks" / "toy_study.json")
+    path = Path(args.out or STUDY_PATH)
     study = read_meta(path) if path.is_file() else {"runs": {}}
     for cell, (_, tasks, _, _) in STUDY_CELLS.items():
         for seed in args.seeds:
@@ -1457,6 +1458,7 @@ def run_study(args, log=print):
                 study["summary"] = study_summary(study["runs"])
                 write_json(path, study)
     return study
+
 
 if __name__ == "__main__":
     main()
