@@ -42,6 +42,26 @@ class Config:
         assert self.d_model % self.n_heads == 0, "d_model must be divisible by n_heads"
 
 
+class Dropout(nn.Dropout):
+    """nn.Dropout whose Bernoulli(1 - p) mask is drawn, on CPU, from uniform numbers: the same law,
+    drawn 4x faster than by torch's CPU bernoulli_ (which took 7% of a training step)."""
+
+    def forward(self, x):
+        if not self.training or self.p == 0 or x.device.type != "cpu":
+            return super().forward(x)
+        return x * ((torch.rand_like(x) >= self.p) * (1 / (1 - self.p)))
+
+
+def unpack(x, real):
+    """The rows (N, ...) of the N True entries of real (B, T), in order -> (B, T, ...), 0 elsewhere.
+
+    Training computes the decoder only at the real positions of its padded captions, and the APNets
+    only on the real (kept) instances; unpack puts them back where a (B, T) layout is needed."""
+    out = x.new_zeros(*real.shape, *x.shape[1:])
+    out[real] = x
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Sec. 3: encoder (Eq. 1, 5), embedding (Eq. 2), decoder and head (Eq. 3), caption loss (Eq. 4)
 
@@ -51,17 +71,20 @@ class Encoder(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.proj = nn.ModuleDict({m: nn.Sequential(nn.Linear(dim, cfg.d_model), nn.LayerNorm(cfg.d_model, LN_EPS),
-                                                    nn.Dropout(cfg.dropout))  # models/Encoder.py, Embedder
-                                   for m, dim in cfg.feature_dims.items()})
+        self.proj = nn.ModuleDict({  # models/Encoder.py, Embedder
+            m: nn.Sequential(nn.Linear(dim, cfg.d_model), nn.LayerNorm(cfg.d_model, LN_EPS),
+                             Dropout(cfg.dropout))
+            for m, dim in cfg.feature_dims.items()})
 
     def forward(self, feats):
         missing = [m for m in self.proj if m not in feats]
         if missing:
             raise KeyError(f"features for modalities {missing} are missing; the model was built for "
                            f"{list(self.proj)} (pass zeros for a video that lacks one, e.g. no soundtrack)")
-        # frozen backbone features (B, N, D_m) -> (B, M*N, d); no positional encoding, no self-attention
-        return torch.cat([self.proj[m](feats[m]) for m in self.proj], dim=1)
+        # frozen backbone features (B, N, D_m) -> (B, M*N, d); no positional encoding, no
+        # self-attention; cast to the model's dtype (float32 features into a half or double model)
+        dtype = next(self.parameters()).dtype
+        return torch.cat([self.proj[m](feats[m].to(dtype)) for m in self.proj], dim=1)
 
 
 class Embedding(nn.Module):
@@ -72,16 +95,19 @@ class Embedding(nn.Module):
         self.word = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=PAD)
         self.position = nn.Embedding(cfg.max_len, cfg.d_model)
         self.norm = nn.LayerNorm(cfg.d_model, LN_EPS)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
-    def forward(self, tokens, start=0):
+    def forward(self, tokens, start=0, real=None):
+        """tokens (B, T) at positions start.. -> (B, T, d); with real (B, T), (N, d) for those."""
         positions = torch.arange(start, start + tokens.size(1), device=tokens.device)
-        return self.drop(self.norm(self.word(tokens) + self.position(positions)))  # (B, T, d)
+        e = self.word(tokens) + self.position(positions)                         # (B, T, d)
+        return self.drop(self.norm(e if real is None else e[real]))              # or (N, d)
 
 
 @dataclass
 class Cache:
-    """The keys and values (B, h, T, d/h) one attention layer has computed while generating."""
+    """The keys and values (rows, h, T, d/h) one attention layer has computed while generating: a
+    row per hypothesis (self-attention) or per video (cross-attention)."""
     k: torch.Tensor = None  # None: empty, before the first decoding step
     v: torch.Tensor = None
 
@@ -101,21 +127,33 @@ class Attention(nn.Module):
     def split_heads(self, x):  # (B, T, d) -> (B, h, T, d/h)
         return x.view(x.size(0), x.size(1), self.n_heads, -1).transpose(1, 2)
 
-    def forward(self, x, memory=None, mask=None, cache=None):
-        """Self-attention when memory is None, cross-attention over memory otherwise."""
-        q = self.split_heads(self.q(x))                                    # (B, h, T, d/h)
+    def forward(self, x, memory=None, mask=None, cache=None, real=None):
+        """Self-attention when memory is None, cross-attention over memory (B, L, d) otherwise.
+
+        x: (B, T, d); in training, the N real tokens (N, d) of a (B, T) batch, real marking them: no
+        projection is computed for PAD, only the attention itself sees the (B, T) layout. Generating
+        k hypotheses per video, x is (B*k, 1, d): cross-attention takes a video's k hypotheses as k
+        queries of its memory, whose keys and values are computed once, not once per hypothesis.
+        """
+        q = self.q(x) if real is None else unpack(self.q(x), real)                # (B', T, d)
+        if memory is not None:
+            q = q.view(memory.size(0), -1, q.size(-1))        # (B, k*T, d): a video's hypotheses
         if memory is not None and cache is not None and cache.k is not None:
             k, v = cache.k, cache.v                # cross-attention: the video's keys/values, from step 0
         else:
             source = x if memory is None else memory
-            k, v = self.split_heads(self.k(source)), self.split_heads(self.v(source))
+            k, v = self.k(source), self.v(source)
+            if memory is None and real is not None:
+                k, v = unpack(k, real), unpack(v, real)
+            k, v = self.split_heads(k), self.split_heads(v)                     # (B', h, T, d/h)
             if memory is None and cache is not None and cache.k is not None:  # self-attention: append
                 k, v = torch.cat([cache.k, k], dim=2), torch.cat([cache.v, v], dim=2)
             if cache is not None:
                 cache.k, cache.v = k, v
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+        y = F.scaled_dot_product_attention(self.split_heads(q), k, v, attn_mask=mask,
                                            dropout_p=self.p_drop if self.training else 0.0)
-        return self.out(y.transpose(1, 2).reshape(x.shape))  # (B, T, d)
+        y = y.transpose(1, 2).flatten(2)                                          # (B', T', d)
+        return self.out(y.reshape(x.shape) if real is None else y[real])         # x's layout
 
 
 class DecoderLayer(nn.Module):
@@ -131,53 +169,67 @@ class DecoderLayer(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(cfg.d_model, cfg.ffn_mult * cfg.d_model), nn.ReLU(),
                                  nn.Linear(cfg.ffn_mult * cfg.d_model, cfg.d_model))
         self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(cfg.d_model, LN_EPS) for _ in range(3))
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
-    def forward(self, x, memory, causal_mask=None, cache=(None, None)):
-        x = self.norm1(x + self.drop(self.self_attn(x, mask=causal_mask, cache=cache[0])))
-        x = self.norm2(x + self.drop(self.cross_attn(x, memory=memory, cache=cache[1])))
+    def forward(self, x, memory, causal=None, cache=(None, None), real=None):
+        x = self.norm1(x + self.drop(self.self_attn(x, mask=causal, cache=cache[0], real=real)))
+        x = self.norm2(x + self.drop(self.cross_attn(x, memory=memory, cache=cache[1], real=real)))
         return self.norm3(x + self.drop(self.ffn(x)))
 
 
-def caption_loss(logits, targets):
+def caption_loss(logits, targets, batch_size=None):
     """Eq. 4 with teacher forcing: -sum_t log p(y_t | Y_<t, V) over the non-PAD targets, / batch size.
 
-    logits: (B, T, V) for the inputs BOS w1..wn; targets: (B, T), w1..wn EOS PAD...
-    The authors sum over tokens and average over videos (misc/Crit/crit_lang.py, misc/Crit/base.py).
+    logits: (B, T, V) for the inputs BOS w1..wn, targets: (B, T), w1..wn EOS PAD...; or (N, V) and
+    (N,) for N positions and batch_size = B. The authors sum over tokens and average over videos
+    (misc/Crit/crit_lang.py, misc/Crit/base.py).
     """
-    nll = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=PAD, reduction="sum")
-    return nll / targets.size(0)
+    batch_size = batch_size or targets.size(0)
+    nll = F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=PAD,
+                          reduction="sum")
+    return nll / batch_size
 
 
 # ----------------------------------------------------------------------------------------------
 # Sec. 4.1: attribute prediction as multiple-instance learning (Eq. 6: P_raw = sigmoid(APNet(X)))
 
 
-def noisy_or(p_raw, valid=None):
-    """Eq. 7, p_k = 1 - prod_l (1 - P_raw[k, l]), in log space; invalid instances count as P_raw = 0.
+def real_instances(p_raw, valid=None):
+    """p_raw (B, L, K) and valid (B, L) bool (None: all real) -> the real instances' rows (N, K) and
+    valid; p_raw already (N, K), the rows of valid's True entries in order, passes as it is."""
+    if p_raw.dim() == 2:
+        return p_raw, valid
+    if valid is None:
+        valid = torch.ones(p_raw.shape[:2], dtype=torch.bool, device=p_raw.device)
+    return p_raw[valid], valid
 
-    p_raw: (B, L, K) instance probabilities; valid: (B, L) bool, True for a real instance.
+
+def noisy_or(p_raw, valid=None):
+    """Eq. 7, p_k = 1 - prod_l (1 - P_raw[k, l]), in log space, over a video's real instances.
+
+    p_raw: (B, L, K) instance probabilities, valid: (B, L) bool, True for a real instance (None:
+    all); or p_raw (N, K), the real instances alone (training computes no others).
     """
+    p_raw, valid = real_instances(p_raw, valid)
     log_not = (1 - p_raw).clamp(min=1e-12).log()  # log(1 - P_raw), kept finite (models/Predictor/pred_attribute.py)
-    if valid is not None:
-        log_not = log_not.masked_fill(~valid.unsqueeze(-1), 0.0)
-    return 1 - log_not.sum(dim=1).exp()  # (B, K)
+    return 1 - unpack(log_not, valid).sum(dim=1).exp()  # (B, K); the others count as P_raw = 0
 
 
 def attribute_loss(p_raw, labels, valid=None):
     """Eq. 8-10, L_ap = L_bce + L_reg per video, averaged over the batch.
 
-    p_raw: (B, L, K); labels: (B, K) multi-hot; valid: (B, L) bool or None (all instances real).
+    p_raw, valid: as noisy_or's; labels: (B, K) multi-hot.
     """
-    B, L, K = p_raw.shape
+    p_raw, valid = real_instances(p_raw, valid)
+    K = p_raw.size(1)
     labels = labels.float()
-    valid = torch.ones(B, L, dtype=torch.bool, device=p_raw.device) if valid is None else valid
     p = noisy_or(p_raw, valid).clamp(0.01, 0.99)  # clamped before the logarithms (misc/Crit/crit_attribute.py)
     k_pos = labels.sum(dim=1)                                                       # (B,)
     bce = -(labels * p.log() + (1 - labels) * (1 - p).log()).sum(dim=1)            # Eq. 8, summed over K
     bce = bce / k_pos.clamp(min=1)                                                  # ... normalised by K_pos
     # Eq. 9, L_reg = max(mean(P_raw) - K_pos / K, 0) over the real instances: keeps prediction conservative
-    mean_p_raw = (p_raw * valid.unsqueeze(-1)).sum(dim=(1, 2)) / (valid.sum(dim=1) * K).clamp(min=1)
+    sum_p_raw = unpack(p_raw.sum(dim=1), valid).sum(dim=1)                          # (B,)
+    mean_p_raw = sum_p_raw / (valid.sum(dim=1) * K).clamp(min=1)
     reg = (mean_p_raw - k_pos / K).clamp(min=0)
     return (bce + reg).mean()                                                       # Eq. 10
 
@@ -225,7 +277,7 @@ class CaptionModel(nn.Module):
         self.encoder = Encoder(cfg)
         self.embedding = Embedding(cfg)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layers))
-        self.drop = nn.Dropout(cfg.dropout)                                       # models/Decoder.py, before the head
+        self.drop = Dropout(cfg.dropout)                     # models/Decoder.py, before the head
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)           # models/Head.py, NaiveHead
         # Eq. 6, APNet = one FC layer; "do not share the same APNet" for video and text (Sec. 4.2)
         self.vap_net = nn.Linear(cfg.d_model, cfg.n_attributes) if cfg.vap else None
@@ -237,23 +289,28 @@ class CaptionModel(nn.Module):
         """Learned video features F (Eq. 5): dict of (B, N, D_m) -> (B, M*N, d)."""
         return self.encoder(feats)
 
-    def decode(self, embeddings, memory, caches=None, start=0):
-        """Eq. 3, next-token logits (B, T, V) given the embedded tokens E (B, T, d) at positions start.. and F."""
-        T = embeddings.size(1)
+    def decode(self, embeddings, memory, caches=None, start=0, real=None):
+        """Eq. 3, next-token logits (B, T, V) from the embedded tokens E (B, T, d) at start.. and F.
+
+        real: (B, T) bool, a prefix of each row (BOS w1..wn): E and the logits hold only those N
+        positions, (N, d) -> (N, V). Causal attention never lets them see a later, PAD, position, so
+        training computes nothing for PAD (MSR-VTT's captions fill about a third of max_len).
+        """
+        T = embeddings.size(1) if real is None else real.size(1)
         if start + T > self.cfg.max_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds max_len={self.cfg.max_len}")
         causal = None if T == 1 else torch.ones(T, start + T, dtype=torch.bool, device=memory.device).tril(start)
         x = embeddings
         for i, layer in enumerate(self.layers):
-            x = layer(x, memory, causal, (None, None) if caches is None else caches[i])
+            x = layer(x, memory, causal, (None, None) if caches is None else caches[i], real)
         return self.head(self.drop(x))
 
     def video_attribute_p_raw(self, memory):
-        """Eq. 6 with X = F (or the sparsely sampled F'): instance probabilities (B, M*N, K)."""
+        """Eq. 6 with X = F (or the sampled F'): instance probabilities (B, M*N, K) or (N', K)."""
         return torch.sigmoid(self.vap_net(memory))
 
     def text_attribute_p_raw(self, embeddings):
-        """Eq. 6 with X = E (Eq. 11), the caption's embedded decoder inputs BOS w1..wn: (B, T, K)."""
+        """Eq. 6 with X = E (Eq. 11), the embedded decoder inputs BOS w1..wn: (B, T, K), (N, K)."""
         return torch.sigmoid(self.tap_net(embeddings))
 
     def forward(self, feats, captions, attributes=None):
@@ -266,17 +323,19 @@ class CaptionModel(nn.Module):
             raise ValueError("attribute labels (B, K) are required when VAP or TAP is on")
         memory = self.encode(feats)                                               # (B, L, d)
         inputs, targets = captions[:, :-1], captions[:, 1:]
-        embeddings = self.embedding(inputs)                                       # E (B, T, d), one dropout draw
-        out = {"cap": caption_loss(self.decode(embeddings, memory), targets)}
+        real = targets != PAD                     # (B, T) the positions Eq. 4 scores: BOS w1..wn
+        embeddings = self.embedding(inputs, real=real)           # E (N, d) there, one dropout draw
+        logits = self.decode(embeddings, memory, real=real)                     # (N, V), no PAD
+        out = {"cap": caption_loss(logits, targets[real], len(targets))}
         out["loss"] = out["cap"]
-        if cfg.vap:  # video-based attribute prediction from sparsely sampled F'
+        if cfg.vap:  # video-based attribute prediction from sparsely sampled F' (APNet on F' only)
             all_instances = torch.ones(memory.shape[:2], dtype=torch.bool, device=memory.device)
             kept = sparse_sample(all_instances, self.training and cfg.sparse_sampling)
-            out["vap"] = attribute_loss(self.video_attribute_p_raw(memory), attributes, kept)
+            out["vap"] = attribute_loss(self.video_attribute_p_raw(memory[kept]), attributes, kept)
             out["loss"] = out["loss"] + cfg.lambda_v * out["vap"]
         if cfg.tap:  # text-based: the decoder's own input embeddings where the target is not PAD
             # (misc/Crit/crit_attribute.py, NoisyOrMILWithEmbs on "input_embs"; misc/Crit/prepare.py)
-            out["tap"] = attribute_loss(self.text_attribute_p_raw(embeddings), attributes, targets != PAD)
+            out["tap"] = attribute_loss(self.text_attribute_p_raw(embeddings), attributes, real)
             out["loss"] = out["loss"] + cfg.lambda_t * out["tap"]
         return out
 
@@ -315,31 +374,30 @@ class CaptionModel(nn.Module):
         count). The answer is the finished hypothesis with the best sum(log p) / length ** alpha
         (length: words + EOS; alpha = length_penalty). Done videos leave the decoding batch.
         """
-        memory = self.encode(feats)
+        memory = self.encode(feats)                                      # (B, L, d): once per video
         B, k, V, device = memory.size(0), beam_size, self.cfg.vocab_size, memory.device
-        steps = (max_len or self.cfg.max_len) - 1                                  # tokens after BOS
-        memory = memory.repeat_interleave(k, dim=0)                                # (B*k, L, d)
-        caches = [(Cache(), Cache()) for _ in self.layers]                         # (self, cross) per layer
-        tokens = torch.full((B * k, 1), BOS, dtype=torch.long, device=device)
-        sum_logp = torch.full((B, k), float("-inf"), device=device)
-        sum_logp[:, 0] = 0.0                                                       # one live hypothesis at t=0
-        seqs = torch.full((B, k, steps), PAD, dtype=torch.long, device=device)
-        best_score = torch.full((B,), float("-inf"), device=device)               # best finished, per video
+        steps = (max_len or self.cfg.max_len) - 1                         # tokens after BOS
+        caches = [(Cache(), Cache()) for _ in self.layers]                # (self, cross) per layer
+        tokens = torch.full((B, 1), BOS, dtype=torch.long, device=device)  # a row per hypothesis
+        sum_logp = torch.zeros(B, 1, dtype=memory.dtype, device=device)   # (videos, hypotheses)
+        seqs = torch.full((B, 1, steps), PAD, dtype=torch.long, device=device)
+        best_score = torch.full((B,), float("-inf"), dtype=memory.dtype, device=device)  # per video
         best = torch.full((B, steps), PAD, dtype=torch.long, device=device)
         n_finished = torch.zeros(B, dtype=torch.long, device=device)
-        active = torch.arange(B, device=device)                                    # videos still decoding
+        active = torch.arange(B, device=device)                           # videos still decoding
         for t in range(steps):
-            n = active.numel()
-            log_p = self.next_log_probs(tokens, memory, caches, t).view(n, k, V)
-            sum_logp, top = (sum_logp.unsqueeze(-1) + log_p).view(n, k * V).topk(k, dim=1)  # (n, k), best first
+            n, hyps = sum_logp.shape                                      # hyps: 1 at t=0, then k
+            log_p = self.next_log_probs(tokens, memory, caches, t).view(n, hyps, V)
+            candidates = (sum_logp.unsqueeze(-1) + log_p).view(n, hyps * V)
+            sum_logp, top = candidates.topk(min(k, hyps * V), dim=1)     # (n, k), best first
             origin, word = top // V, top % V
             seqs = seqs.gather(1, origin.unsqueeze(-1).expand(-1, -1, steps))
             seqs[:, :, t] = word
-            real = sum_logp > float("-inf")
-            ended = real & (word == EOS)
+            ended = (sum_logp > float("-inf")) & (word == EOS)
             # finished hypotheses are collected in rank order until the video has beam_size of them
             taken = ended & (n_finished[active, None] + ended.long().cumsum(dim=1) <= k)
-            score, i = torch.where(taken, sum_logp / (t + 1) ** length_penalty, float("-inf")).max(dim=1)
+            score = torch.where(taken, sum_logp / (t + 1) ** length_penalty, float("-inf"))
+            score, i = score.max(dim=1)
             better = score > best_score[active]                  # strictly: the earlier one wins a tie
             best_score[active[better]] = score[better]
             best[active[better]] = seqs[better, i[better]]
@@ -352,13 +410,16 @@ class CaptionModel(nn.Module):
             keep = (n_finished[active] < k) & (sum_logp > float("-inf")).any(dim=1)
             if not keep.any():
                 break
-            rows = torch.arange(n, device=device).unsqueeze(1) * k                # (n, 1) first row per video
-            kept_rows = (rows + torch.arange(k, device=device))[keep].view(-1)     # done videos leave the batch
-            for self_cache, cross_cache in caches:
-                self_cache.select((rows + origin)[keep].view(-1))                  # each beam's own prefix
-                cross_cache.select(kept_rows)  # the same video for all its beams: only drop, never reorder
-            memory = memory.index_select(0, kept_rows)
-            active, sum_logp, seqs, tokens = active[keep], sum_logp[keep], seqs[keep], word[keep].view(-1, 1)
+            parent = torch.arange(n, device=device).unsqueeze(1) * hyps + origin   # (n, k) rows
+            for self_cache, _ in caches:
+                self_cache.select(parent[keep].view(-1))         # each hypothesis' own prefix
+            if not keep.all():                                   # done videos leave the batch
+                videos = keep.nonzero().view(-1)
+                for _, cross_cache in caches:
+                    cross_cache.select(videos)                   # the video's keys and values, once
+                memory, active, seqs = memory[videos], active[videos], seqs[videos]
+                sum_logp = sum_logp[videos]
+            tokens = word[keep].view(-1, 1)
         return finalize(best)
 
 

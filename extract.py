@@ -1,110 +1,119 @@
 """
-Frozen backbone features from raw videos: video files -> DIR/<video_id>.npy, float32 (N, D), one row per segment.
+Frozen backbone features: video files -> DIR/<video_id>.npy, float32 (N, D), one row per segment.
 
-    python extract.py videos/ --out feats/image  --backbone ViT-B/32                    # image  (N, 512)
-    python extract.py videos/ --out feats/motion --backbone resnext101-kinetics --weights resnext-101-kinetics.pth
-    python extract.py videos/ --out feats/audio  --backbone vggish                      # audio  (N, 128)
+    python extract.py videos/ --out feats/image  --backbone ViT-B/32          # image  (N, 512)
+    python extract.py videos/ --out feats/motion --backbone resnext101-kinetics \\
+        --weights resnext-101-kinetics.pth                                     # motion (N, 2048)
+    python extract.py videos/ --out feats/audio  --backbone vggish            # audio  (N, 128)
 
-Segments. A video of F decodable frames is cut into N segments (--frames, default 60: the authors' fixed 60
-features per video; train.py then takes 28 of the 60 by the same rule) by the authors' rule
-(get_uniform_ids_from_k_snippets): bounds b_i = int(i * F / N) for i < N and b_N = F, segment i's centre frame
-(b_i + b_i+1) // 2; a video shorter than N frames repeats frames. F is counted by decoding (a container's frame
-count is trusted only when the decode confirms it), so a truncated file gives features of the frames it has.
-Decoding uses PyAV (FFmpeg ships in its wheels); only the sampled frames are held in memory.
+Segments. A video of F decodable frames is cut into N segments (--frames, default 60: the authors'
+60 features per video; train.py takes 28 of them by the same rule, FRAME_RULE), each one sample at
+its centre frame; a video shorter than N frames repeats frames. F is counted by decoding, so a
+truncated file gives features of the frames it has. Decoding uses PyAV (FFmpeg ships in its
+wheels); only the sampled frames are held in memory. A video without a soundtrack gets zeros.
 
-Backbones (--backbone), plain PyTorch below, built from the public checkpoints (sizes read off the tensor shapes):
-  ViT-B/32 (default, the paper's), ViT-B/16   CLIP visual encoder (ViT), D = 512
-  RN50, RN101, RN50x4                         CLIP visual encoder (ModifiedResNet), D = 1024, 512, 640
-  resnet101                                   ImageNet ResNet-101 (the INP baseline of Sec. 3), torchvision's
-                                              IMAGENET1K_V1 without fc: layer4 globally average-pooled, D = 2048
-  resnext101-kinetics                         3D ResNeXt-101 on Kinetics-400 (Hara et al., CVPR 2018), D = 2048
-  vggish, vggish-pca                          VGGish on AudioSet (Hershey et al., ICASSP 2017), D = 128
-- CLIP: encode_image's projected embedding, not L2-normalised. OpenAI's transform: shorter side to 224 (RN50x4:
-  288, its input size) with PIL bicubic, centre crop, RGB, /255, mean (0.48145466, 0.4578275, 0.40821073), std
-  (0.26862954, 0.26130258, 0.27577711). ImageNet: shorter side 256 (PIL bilinear), centre crop 224, /255, mean
-  (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225).
-- Motion: per segment the 16 consecutive frames centred on its centre frame (shifted to stay inside the video,
-  looped when it is shorter than 16 frames); 3D-ResNets-PyTorch's test transform: shorter side 112 (PIL bilinear),
-  centre crop 112, RGB in [0, 255] minus (114.7748, 107.7354, 99.4750), no std. --batch_size counts clips.
-- Audio: the first soundtrack as 16-bit PCM (what the authors' `ffmpeg -i VIDEO -f wav` gives), / 32768, the
-  channel mean, resampled to 16 kHz with resampy, as torchvggish's waveform_to_examples; log mel: 25 ms
-  periodic-Hann windows every 10 ms, |FFT 512|, 64 HTK mel bands 125-7500 Hz, log(mel + 0.01). Per segment one
-  0.96 s example (96 x 64) centred on its centre frame's time (start + k / fps, k by the rule above on the
-  container's frame count), shifted to stay inside the soundtrack (zero-padded when it is shorter than 0.96 s).
-  The mono track is held in memory at its own rate (23 MB per minute at 48 kHz). vggish gives the raw embeddings
-  (the paper's); vggish-pca adds the AudioSet release's PCA, whitening and 8-bit quantisation. As in torchvggish,
-  a ReLU follows the last layer (TF's release has none: torchvggish issue #24). A video without a soundtrack gets
-  zeros and is listed in meta.json's "silent" (and silent.txt, so that shards sharing a folder all count).
-- Precision: fp32 (the authors note that fp16 features change the captions; fp32 also turns TF32 off on a GPU);
-  --dtype fp16|bf16 runs the backbone under autocast: faster on a GPU, the features differ slightly.
+Backbones (--backbone), built from the public checkpoints, sizes read off the tensor shapes:
+  ViT-B/32 (default, the paper's), ViT-B/16  CLIP image encoder (ViT), D = 512
+  RN50, RN101, RN50x4                        CLIP image encoder (ModifiedResNet), D = 1024, 512, 640
+  resnet101                                  ImageNet ResNet-101 (INP, the paper's Sec. 3), D = 2048
+  resnext101-kinetics                        3D ResNeXt-101 on Kinetics-400 (Hara et al.), D = 2048
+  vggish, vggish-pca                         VGGish on AudioSet (Hershey et al.), D = 128
+CLIP and VGGish run OpenAI's and torchvggish's code (installed packages); CLIP's features are
+encode_image's projected embedding, not L2-normalised. Each preprocessing is stated once, in the
+backbone's BACKBONES entry; --help lists them, meta.json records the one used.
 
-Weights (--weights PATH): OpenAI's released .pt files (TorchScript) or a state_dict file (read weights_only).
-Without --weights the file is downloaded from its public URL, checked against the SHA-256 (or its prefix) that the
-URL carries and cached in $DAP_CACHE (default ~/.cache/dap); offline, the error names the URL to fetch by hand.
-resnext-101-kinetics.pth sits in 3D-ResNets-PyTorch's Google Drive folder (no direct download, no published
-hash): download it by hand and pass --weights (or put it in the cache); its `module.` keys load as they are.
+Precision: fp32 (the authors note that fp16 features change the captions; on a GPU, no TF32
+either); --dtype fp16|bf16 runs the backbone under autocast: faster on a GPU, features differ a bit.
 
-Output in --out DIR: <video_id>.npy, each written atomically (existing ones are skipped: a killed run resumes);
-meta.json (backbone, D, N, dtype, weights SHA-256, frame rule, preprocessing; resuming with other settings is
-refused); failed.txt (video_id TAB path TAB reason; retried, and dropped when fixed, by the next run). Exit status
-0; 1 when some videos failed (each on stderr; the others go on); 2 for a usage or I/O error (one line naming the
-file). --shard i/n takes every n-th video from the i-th, so that several GPUs or machines share one --out.
+Weights (--weights PATH): OpenAI's released .pt files (TorchScript) or a state_dict file (read
+weights_only). Without --weights the file is downloaded from its public URL, checked against the
+SHA-256 (or its prefix) that the URL carries and cached in $DAP_CACHE (default ~/.cache/dap);
+offline, the error names the URL. resnext-101-kinetics.pth has no direct download: fetch it by hand
+from 3D-ResNets-PyTorch's Google Drive folder and pass --weights (or put it in the cache).
 
-The code, in reading order: 1. sampling and decoding; 2. preprocessing; 3. the backbones, and CLIP's text side
-(BPE tokenizer, text tower) for CLIPScore in train.py; 4. the registry; 5. weights; 6. the extraction loop; 7. CLI.
+Output in --out DIR: <video_id>.npy, each written atomically (existing ones are skipped: a killed
+run resumes); meta.json (backbone, D, N, dtype, weights SHA-256, frame rule, preprocessing, the
+videos without a soundtrack; a run with other settings, resumed or beside, is refused); failed.txt
+(video_id TAB path TAB reason, a tab, newline or backslash in a name escaped; retried, and dropped
+when fixed, by the next run). Exit status 0; 1 when some videos failed (each on stderr; the others
+go on); 2 for a usage or I/O error (one line naming the file; a bad option: before any output).
+--shard i/n takes every n-th video from the i-th, so that several GPUs or machines share one --out.
+
+The code, in reading order: 1. sampling and decoding; 2. preprocessing; 3. the backbones, and CLIP's
+text side for CLIPScore in train.py; 4. the registry; 5. weights; 6. the extraction loop; 7. CLI.
 """
 import argparse
-import gzip
 import hashlib
-import html
 import importlib.util
 import json
-import math
 import multiprocessing
 import os
+import re
 import shutil
+import signal
 import sys
+import textwrap
 import threading
 import time
 import urllib.request
 import uuid
 import warnings
-import zipfile
-from collections import OrderedDict
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack, closing, contextmanager, suppress
 from dataclasses import dataclass
 from functools import lru_cache, partial
+from itertools import islice
 from pathlib import Path
 from typing import Callable
 
 import av
-import ftfy
 import numpy as np
-import regex
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-VIDEO_EXTENSIONS = {".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".flv", ".wmv", ".mpg", ".mpeg",
-                    ".3gp", ".ts", ".ogv"}
-FRAMES = 60  # N per video: the authors' fixed 60 (config/Constants.py n_total_frames); train.py takes 28 of them
+VIDEO_EXTENSIONS = {".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".flv", ".wmv", ".mpg",
+                    ".mpeg", ".3gp", ".ts", ".ogv"}
+FRAMES = 60  # N per video: the authors' fixed 60 (config/Constants.py n_total_frames)
+MAX_FRAMES = 1000  # at most: a video's N samples are decoded into memory (N = 100,000: 24 GB)
 BATCH_SIZE = 256  # samples per backbone batch
+ESCAPE = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})  # in failed.txt
 
 
 class VideoError(Exception):
     """A video that cannot be used (unreadable, no video stream, zero decodable frames)."""
 
 
+@lru_cache()
+def package_module(package: str, module: str):
+    """<package>/<module>.py of an installed package (openai-clip's clip, torchvggish), run as one
+    file: their __init__ imports more (clip: torchvision, which does not import beside every torch
+    build; torchvggish: soundfile)."""
+    found = importlib.util.find_spec(package)  # finds the package without importing it
+    folders = (found.submodule_search_locations or []) if found else []
+    path = Path(folders[0]) / f"{module}.py" if folders else None
+    if path is None or not path.is_file():
+        raise ModuleNotFoundError(f"extract.py needs {package}/{module}.py, not installed: "
+                                  "pip install -r requirements.txt")
+    spec = importlib.util.spec_from_file_location(f"{package}_{module}", path)
+    code = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(code)
+    return code
+
+
 # ----------------------------------------------------------------------------------------------
 # 1. Frame sampling and decoding
 
+FRAME_RULE = ("F decodable frames, bounds b_i = int(i * F / N), b_N = F; "  # meta.json's too
+              "frame i = (b_i + b_i+1) // 2 (the authors' get_uniform_ids_from_k_snippets)")
+
 
 def sample_indices(num_frames: int, n: int) -> np.ndarray:
-    """(N,) centre frames of n segments of num_frames frames, by the authors' rule (misc/utils.py of
-    yangbang18/CLIP-Captioner, get_uniform_ids_from_k_snippets): bounds int(x) of np.linspace(0, F, N + 1), whose
-    i-th value is i * (F / N) and last F; centre i = (bound_i + bound_i+1) // 2."""
+    """(N,) centre frames of n segments of num_frames frames by FRAME_RULE (the authors'
+    misc/utils.py: int() of np.linspace(0, F, N + 1), whose i-th value is i * (F / N))."""
     if num_frames <= 0:
         raise ValueError(f"cannot sample from {num_frames} frames")
     bounds = [int(i * (num_frames / n)) for i in range(n)] + [num_frames]
@@ -112,9 +121,10 @@ def sample_indices(num_frames: int, n: int) -> np.ndarray:
 
 
 def grab_frames(path, wanted, preprocess: Callable, threads: int):
-    """Decode `path` once; keep preprocess(frame) for the frame indices wanted(F_claimed) -> (kept, F, F_claimed).
+    """Decode `path` once, keeping preprocess(frame) for the frame indices wanted(F_claimed).
 
-    F_claimed is the container's frame count (0 if unknown); F is the number of frames actually decoded.
+    Returns (kept, F, F_claimed): F_claimed is the container's frame count (0 if unknown), F the
+    number of frames actually decoded.
     """
     kept = {}  # frame index -> preprocessed uint8 array; never more than N entries
     count = 0
@@ -134,7 +144,7 @@ def grab_frames(path, wanted, preprocess: Callable, threads: int):
                     continue  # a corrupt packet: its frame is not decodable, the next ones may be
                 for frame in frames:
                     if count in wanted_set:
-                        kept[count] = preprocess(frame.to_image())  # RGB PIL image -> (H, W, 3) uint8
+                        kept[count] = preprocess(frame.to_image())  # RGB PIL image -> (H, W, 3)
                     count += 1
         except av.error.FFmpegError:
             pass  # a truncated file: the frames decoded so far are the decodable ones
@@ -142,15 +152,15 @@ def grab_frames(path, wanted, preprocess: Callable, threads: int):
 
 
 def clip_indices(centres: np.ndarray, num_frames: int, clip_len: int) -> np.ndarray:
-    """(N, clip_len) frame indices: clip_len consecutive frames around each centre, shifted to stay inside
-    the video; a video shorter than clip_len repeats its frames cyclically (3D-ResNets' LoopPadding)."""
+    """(N, clip_len) frame indices: clip_len consecutive frames around each centre, shifted to stay
+    inside the video; a video shorter than clip_len repeats its frames (3D-ResNets' LoopPadding)."""
     start = np.clip(centres - clip_len // 2, 0, max(num_frames - clip_len, 0))  # (N,)
     return (start[:, None] + np.arange(clip_len)) % num_frames  # (N, clip_len)
 
 
-def decode_frames(path, n: int, preprocess: Callable, threads: int = 0, clip_len: int = 0) -> np.ndarray:
-    """N preprocessed frames at the segment centres of a video's decodable frames: (N, H, W, 3) uint8;
-    with clip_len > 0, a clip of clip_len frames around each centre: (N, clip_len, H, W, 3) uint8.
+def decode_frames(path, n: int, preprocess: Callable, threads=0, clip_len=0) -> np.ndarray:
+    """N preprocessed frames at the segment centres of a video's decodable frames: (N, H, W, 3)
+    uint8; with clip_len > 0, a clip of clip_len frames around each: (N, clip_len, H, W, 3) uint8.
 
     One pass when the container's frame count is right (the common case); otherwise (count unknown
     or wrong, e.g. a truncated file) a second pass keeps the frames sampled from the decoded count.
@@ -177,30 +187,34 @@ AUDIO_RATE = 16000  # VGGish's sample rate
 
 
 def decode_audio(path):
-    """(mono float64 waveform at 16 kHz, its start time in s) of the first audio track; None without one.
+    """(mono float64 waveform at 16 kHz, its start time in s) of the first audio track, or None.
 
-    As the reference: the samples as 16-bit PCM / 32768 (the authors' ffmpeg -f wav, then torchvggish's
-    wavfile_to_examples), the mean over channels, resampy.resample to 16 kHz (waveform_to_examples).
+    As the reference: the samples as 16-bit PCM / 32768 (the authors' ffmpeg -f wav, then
+    torchvggish's wavfile_to_examples), the mean over channels, resampy.resample to 16 kHz
+    (waveform_to_examples). The mono track is held at its own rate (23 MB a minute at 48 kHz).
     """
+    def mono(pcm):  # int16 (C, S_k) -> (S_k,) float64
+        return (pcm.to_ndarray() / 32768.0).mean(axis=0)
+
     with av.open(str(path)) as container:
         if not container.streams.audio:
             return None
         stream = container.streams.audio[0]
-        start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+        start = float(stream.start_time * stream.time_base) if stream.start_time else 0.0
         to_pcm, rate, chunks = None, AUDIO_RATE, []
         try:
             for frame in container.decode(stream):
                 if to_pcm is None:  # int16 planar, the decoder's channels and rate
                     rate = frame.sample_rate
                     to_pcm = av.AudioResampler(format="s16p", layout=frame.layout, rate=rate)
-                chunks += [(pcm.to_ndarray() / 32768.0).mean(axis=0) for pcm in to_pcm.resample(frame)]  # (S_k,)
+                chunks += [mono(pcm) for pcm in to_pcm.resample(frame)]
             if to_pcm is not None:
-                chunks += [(pcm.to_ndarray() / 32768.0).mean(axis=0) for pcm in to_pcm.resample(None)]
+                chunks += [mono(pcm) for pcm in to_pcm.resample(None)]
         except av.error.FFmpegError:
             pass  # a corrupt or truncated tail: keep what decoded
-    wave = np.concatenate(chunks) if chunks else np.zeros(0)  # (S,) float64
+    wave = np.concatenate(chunks) if chunks else np.zeros(0)  # (S,)
     if rate != AUDIO_RATE and wave.size:
-        import resampy  # here: it loads numba, seconds that image and motion extraction need not pay
+        import resampy  # here: it loads numba, seconds that image and motion need not pay
         wave = resampy.resample(wave, rate, AUDIO_RATE)
     return wave, start
 
@@ -208,16 +222,16 @@ def decode_audio(path):
 def segment_times(path, n: int, threads: int = 0) -> np.ndarray:
     """(N,) times in s of the N segment-centre frames, on the container's clock.
 
-    The frame rule of decode_frames on the container's frame count (frames are decoded and counted only
-    when the container does not say), frame k shown at start + k / fps; without a frame rate, the
-    centres of N equal parts of the duration.
+    The frame rule of decode_frames on the container's frame count (frames are decoded and counted
+    only when the container does not say), frame k shown at start + k / fps; without a frame rate,
+    the centres of N equal parts of the duration.
     """
     with av.open(str(path)) as container:
         if not container.streams.video:
             raise VideoError("no video stream")
         stream = container.streams.video[0]
         count, rate = int(stream.frames or 0), stream.average_rate or stream.guessed_rate
-        start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+        start = float(stream.start_time * stream.time_base) if stream.start_time else 0.0
         duration = (float(stream.duration * stream.time_base) if stream.duration
                     else (container.duration or 0) / av.time_base)
     if rate and count <= 0:
@@ -226,21 +240,20 @@ def segment_times(path, n: int, threads: int = 0) -> np.ndarray:
         return start + sample_indices(count, n) / float(rate)
     if duration > 0:
         return start + (np.arange(n) + 0.5) * duration / n
-    raise VideoError("neither the frame rate nor the duration is known: cannot place the audio segments")
+    raise VideoError("neither the frame rate nor the duration is known: cannot place the audio")
 
 
+@dataclass
 class Silent:
-    """A decoder's answer for a video without a soundtrack: N zero vectors, no backbone (the paper's padding)."""
-
-    def __init__(self, n: int):
-        self.n = n
+    """The decoded audio of a video without a soundtrack: N zero vectors, no backbone."""
+    n: int
 
     def __len__(self):
         return self.n
 
 
 def decode_log_mel(path, n: int, threads: int = 0):
-    """(N, 1, 96, 64) float32 log-mel examples centred on the N segment-centre frames, or Silent(N)."""
+    """(N, 1, 96, 64) float32 log-mel examples centred on the N segment centres, or Silent(N)."""
     times = segment_times(path, n, threads)
     audio = decode_audio(path)
     if audio is None or audio[0].size == 0:
@@ -250,26 +263,22 @@ def decode_log_mel(path, n: int, threads: int = 0):
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. Preprocessing: PIL image -> uint8 (H, W, 3) in the decode workers; float normalisation on device
+# 2. Preprocessing: PIL image -> uint8 (H, W, 3) in the decode workers, then floats on the device.
+# Which parameters each backbone uses, and the one description of them: its BACKBONES entry.
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-# The test transform of kenshohara/3D-ResNets-PyTorch (2018 release: opts.py, mean.py, main.py), whose
-# Kinetics checkpoints the motion backbone loads: --sample_duration 16, --sample_size 112; Scale(112)
-# (shorter side, PIL bilinear, the other int(112 * long / short)); CenterCrop(112) with round();
-# ToTensor(norm_value=1), so pixels stay in [0, 255]; Normalize(get_mean(1, 'activitynet'), [1, 1, 1]).
+# The test transform of kenshohara/3D-ResNets-PyTorch (2018: opts.py, mean.py, main.py), whose
+# Kinetics checkpoints the motion backbone loads: --sample_duration 16, --sample_size 112,
+# ToTensor(norm_value=1), Normalize(get_mean(1, 'activitynet'), [1, 1, 1]).
 KINETICS_CLIP_LEN, KINETICS_SIZE = 16, 112
 KINETICS_MEAN = (114.7748, 107.7354, 99.4750)  # RGB; no std
 
 
 def resize_shorter(img: Image.Image, size: int, resample) -> Image.Image:
-    """Resize so the shorter side is `size`, the longer one int(size * long / short), like torchvision."""
+    """Resize so the shorter side is `size`, the longer int(size * long / short), as torchvision."""
     w, h = img.size
-    if w <= h:
-        new_w, new_h = size, int(size * h / w)
-    else:
-        new_w, new_h = int(size * w / h), size
-    return img.resize((new_w, new_h), resample)
+    return img.resize((size, int(size * h / w)) if w <= h else (int(size * w / h), size), resample)
 
 
 def center_crop(img: Image.Image, size: int) -> Image.Image:
@@ -280,158 +289,115 @@ def center_crop(img: Image.Image, size: int) -> Image.Image:
 
 
 def preprocess(img: Image.Image, resize: int, size: int, resample) -> np.ndarray:
-    """Shorter side to `resize` (PIL filter `resample`), centre crop `size`, RGB -> (size, size, 3) uint8.
-
-    CLIP: resize = size = 224 (RN50x4: 288), bicubic; ImageNet: 256, 224, bilinear; Kinetics: 112, 112, bilinear.
-    """
-    return np.asarray(center_crop(resize_shorter(img, resize, resample), size).convert("RGB"), dtype=np.uint8)
+    """Shorter side to `resize` (PIL filter `resample`), centre crop, RGB: (size, size, 3) uint8."""
+    img = center_crop(resize_shorter(img, resize, resample), size).convert("RGB")
+    return np.asarray(img, dtype=np.uint8)
 
 
 def normalize(x: torch.Tensor, mean, std=(1.0, 1.0, 1.0), scale: float = 255.0) -> torch.Tensor:
-    """(B, [T,] H, W, 3) uint8 -> (B, 3, [T,] H, W) float32: x / scale, minus mean, over std, per channel.
-
-    CLIP and ImageNet: scale 255 and their mean / std; Kinetics: scale 1 (pixels in [0, 255]), its mean, std 1.
-    """
+    """(B, [T,] H, W, 3) uint8 -> (B, 3, [T,] H, W) float32: x / scale, minus mean, over std."""
     x = x.movedim(-1, 1).float() / scale
     shape = (1, 3) + (1,) * (x.dim() - 2)  # broadcast over the channel axis
-    mean, std = torch.tensor(mean, device=x.device).view(shape), torch.tensor(std, device=x.device).view(shape)
+    mean = torch.tensor(mean, device=x.device).view(shape)
+    std = torch.tensor(std, device=x.device).view(shape)
     return ((x - mean) / std).contiguous()
 
 
-# VGGish's front end (vggish_params.py and mel_features.py of tensorflow/models, kept by torchvggish):
-# 25 ms periodic-Hann windows every 10 ms, |FFT| on 512 points, 64 HTK mel bands over 125-7500 Hz,
-# log(mel + 0.01); examples of 96 frames (0.96 s).
-STFT_WINDOW, STFT_HOP, N_FFT = 400, 160, 512  # samples at 16 kHz
-N_MELS, MEL_LOW_HZ, MEL_HIGH_HZ, LOG_OFFSET = 64, 125.0, 7500.0, 0.01
-EXAMPLE_FRAMES = 96
-
-
-def hz_to_mel(hz):
-    """HTK mel scale: 1127 ln(1 + f / 700)."""
-    return 1127.0 * np.log1p(np.asarray(hz, dtype=np.float64) / 700.0)
-
-
-def mel_filterbank(n_freqs=N_FFT // 2 + 1, n_mels=N_MELS, rate=AUDIO_RATE, low=MEL_LOW_HZ, high=MEL_HIGH_HZ):
-    """(n_freqs, n_mels) triangular filters, linear in mel (float64); the DC bin, below 125 Hz, gets 0."""
-    bin_mel = hz_to_mel(np.linspace(0.0, rate / 2.0, n_freqs))[:, None]  # (n_freqs, 1)
-    edges = np.linspace(hz_to_mel(low), hz_to_mel(high), n_mels + 2)  # band i: edges i, i + 1, i + 2
-    lower, centre, upper = edges[:-2], edges[1:-1], edges[2:]  # (n_mels,) each
-    rising, falling = (bin_mel - lower) / (centre - lower), (upper - bin_mel) / (upper - centre)
-    return torch.from_numpy(np.maximum(0.0, np.minimum(rising, falling)))
-
-
-def log_mel_spectrogram(wave) -> torch.Tensor:
-    """(..., S) 16 kHz waveforms -> (..., F, 64) float64 log mel, F = 1 + (S - 400) // 160 (no padding)."""
-    wave = torch.as_tensor(wave, dtype=torch.float64)
-    frames = wave.unfold(-1, STFT_WINDOW, STFT_HOP)  # (..., F, 400)
-    window = 0.5 - 0.5 * torch.cos(2 * math.pi * torch.arange(STFT_WINDOW, dtype=torch.float64) / STFT_WINDOW)
-    magnitude = torch.fft.rfft(frames * window, n=N_FFT).abs()  # (..., F, 257)
-    return torch.log(magnitude @ mel_filterbank() + LOG_OFFSET)  # (..., F, 64)
+# VGGish's front end is torchvggish's (mel_features.py and vggish_params.py, TF's release ported);
+# where the examples sit is ours: one 0.96 s example (96 log-mel frames, 10 ms apart) per segment.
+STFT_WINDOW, STFT_HOP, EXAMPLE_FRAMES = 400, 160, 96  # at 16 kHz: 25 ms windows every 10 ms
 
 
 def segment_log_mel(wave, times) -> np.ndarray:
-    """(S,) waveform, (N,) times in s -> (N, 1, 96, 64) float32: the 0.96 s example centred on each time,
-    shifted to stay inside the track; a track shorter than 0.96 s is zero-padded (silence).
+    """(S,) 16 kHz waveform, (N,) times in s -> (N, 1, 96, 64) float32: the example centred on each
+    time, shifted to stay inside the track; a track shorter than 0.96 s is zero-padded (silence).
 
-    Frame k of the track's log mel starts at sample 160 k, so only the N examples' samples are transformed.
+    Log-mel frame k starts at sample 160 k, so only the N examples' samples are transformed, with
+    the parameters of torchvggish's waveform_to_examples.
     """
-    wave = torch.as_tensor(wave, dtype=torch.float64)
+    p = package_module("torchvggish", "vggish_params")
+    log_mel = partial(package_module("torchvggish", "mel_features").log_mel_spectrogram,
+                      audio_sample_rate=p.SAMPLE_RATE, log_offset=p.LOG_OFFSET,
+                      window_length_secs=p.STFT_WINDOW_LENGTH_SECONDS,
+                      hop_length_secs=p.STFT_HOP_LENGTH_SECONDS, num_mel_bins=p.NUM_MEL_BINS,
+                      lower_edge_hertz=p.MEL_MIN_HZ, upper_edge_hertz=p.MEL_MAX_HZ)
     span = STFT_WINDOW + (EXAMPLE_FRAMES - 1) * STFT_HOP  # 15600 samples = exactly 96 frames
-    wave = F.pad(wave, (0, max(span - wave.numel(), 0)))
-    n_frames = 1 + (wave.numel() - STFT_WINDOW) // STFT_HOP  # frames of the whole track
-    centres = torch.round(torch.as_tensor(times, dtype=torch.float64) * AUDIO_RATE / STFT_HOP).long()  # (N,)
-    start = (centres - EXAMPLE_FRAMES // 2).clamp(0, n_frames - EXAMPLE_FRAMES)  # (N,) first frame of each
-    samples = wave[start[:, None] * STFT_HOP + torch.arange(span)]  # (N, 15600)
-    return log_mel_spectrogram(samples).unsqueeze(1).float().numpy()  # (N, 1, 96, 64)
+    wave = np.pad(np.asarray(wave, np.float64), (0, max(span - len(wave), 0)))
+    n_frames = 1 + (len(wave) - STFT_WINDOW) // STFT_HOP  # log-mel frames of the whole track
+    centres = np.round(np.asarray(times, np.float64) * AUDIO_RATE / STFT_HOP).astype(int)  # (N,)
+    first = np.clip(centres - EXAMPLE_FRAMES // 2, 0, n_frames - EXAMPLE_FRAMES)  # (N,) frames
+    examples = [log_mel(wave[k * STFT_HOP:k * STFT_HOP + span]) for k in first]  # (96, 64) each
+    return np.stack(examples)[:, None].astype(np.float32)  # (N, 1, 96, 64)
 
 
 # ----------------------------------------------------------------------------------------------
-# 3a. CLIP's building blocks (shared by the visual and the text tower; OpenAI key names)
+# 3. The backbones. 3a. CLIP: OpenAI's code (image and text towers, tokenizer), in fp32
+
+CLIP_KEYS = ("visual.conv1.weight", "token_embedding.weight", "positional_embedding",
+             "ln_final.weight", "text_projection")  # what build_model reads the sizes off
 
 
-class LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in fp32 whatever the input dtype, as in CLIP."""
-
-    def forward(self, x):
-        return super().forward(x.float()).to(x.dtype)
-
-
-class QuickGELU(nn.Module):
-    """CLIP's GELU approximation x * sigmoid(1.702 x)."""
-
-    def forward(self, x):
-        return x * torch.sigmoid(1.702 * x)
+def build_clip(state_dict: dict) -> nn.Module:
+    """OpenAI's CLIP from a CLIP state_dict: their build_model (sizes read off the shapes), fp32."""
+    missing = [k for k in CLIP_KEYS if k not in state_dict]
+    if missing:
+        raise ValueError(f"not a CLIP checkpoint in OpenAI's layout: no {missing[0]!r} tensor")
+    state_dict = dict(state_dict)  # build_model deletes the int buffers of OpenAI's archives
+    model = package_module("clip", "model").build_model(state_dict)  # in fp16, for GPUs; so ...
+    model.float().load_state_dict(state_dict)  # ... the checkpoint's own values again, in fp32
+    return model.eval()
 
 
-class ResidualAttentionBlock(nn.Module):
-    """Pre-LN Transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
-
-    def __init__(self, d_model: int, n_head: int):
-        super().__init__()
-        self.attn = nn.MultiheadAttention(d_model, n_head, batch_first=True)
-        self.ln_1 = LayerNorm(d_model)
-        self.mlp = nn.Sequential(OrderedDict([
-            ("c_fc", nn.Linear(d_model, d_model * 4)),
-            ("gelu", QuickGELU()),
-            ("c_proj", nn.Linear(d_model * 4, d_model)),
-        ]))
-        self.ln_2 = LayerNorm(d_model)
-
-    def forward(self, x, attn_mask=None):  # (B, L, D)
-        h = self.ln_1(x)
-        x = x + self.attn(h, h, h, need_weights=False, attn_mask=attn_mask)[0]
-        return x + self.mlp(self.ln_2(x))
+def build_clip_visual(state_dict: dict) -> nn.Module:
+    """CLIP's image encoder, fp32: (B, 3, H, W) -> (B, D), encode_image's projected embedding."""
+    return build_clip(state_dict).visual
 
 
-class Transformer(nn.Module):
-    """A stack of ResidualAttentionBlocks; attn_mask (L, L) additive, e.g. causal for CLIP's text tower."""
-
-    def __init__(self, width: int, layers: int, heads: int, attn_mask: torch.Tensor = None):
-        super().__init__()
-        self.width, self.layers = width, layers
-        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads) for _ in range(layers)])
-        self.register_buffer("attn_mask", attn_mask, persistent=False)
-
-    def forward(self, x):  # (B, L, D)
-        L = x.shape[1]  # a causal mask cut to (L, L) gives the same outputs for the first L tokens
-        mask = None if self.attn_mask is None else self.attn_mask[:L, :L].to(x.dtype)
-        for block in self.resblocks:
-            x = block(x, mask)
-        return x
+@lru_cache()
+def clip_tokenizer():
+    """OpenAI's byte-level BPE tokenizer, on the vocabulary file that openai-clip installs."""
+    return package_module("clip", "simple_tokenizer").SimpleTokenizer()
 
 
-class VisionTransformer(nn.Module):
-    """CLIP ViT: patches + [CLS] + positions -> Transformer -> ln_post([CLS]) @ proj."""
-
-    def __init__(self, input_resolution, patch_size, width, layers, heads, output_dim):
-        super().__init__()
-        self.input_resolution, self.output_dim = input_resolution, output_dim
-        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
-        scale = width ** -0.5
-        self.class_embedding = nn.Parameter(scale * torch.randn(width))
-        self.positional_embedding = nn.Parameter(scale * torch.randn((input_resolution // patch_size) ** 2 + 1, width))
-        self.ln_pre = LayerNorm(width)
-        self.transformer = Transformer(width, layers, heads)
-        self.ln_post = LayerNorm(width)
-        self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
-
-    def forward(self, x):  # (B, 3, H, W)
-        x = self.conv1(x.to(self.conv1.weight.dtype))  # (B, width, grid, grid)
-        x = x.flatten(2).transpose(1, 2)  # (B, grid**2, width)
-        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, width)
-        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # (B, grid**2 + 1, width)
-        x = self.transformer(self.ln_pre(x))
-        return self.ln_post(x[:, 0, :]) @ self.proj  # (B, output_dim)
+def tokenize(texts, context_length: int = 77, truncate: bool = True) -> torch.Tensor:
+    """Texts -> (B, context_length) int64: SOT, BPE ids, EOT, zero padding. OpenAI's clip.tokenize
+    (clip.py imports torchvision), truncating by default, keeping the EOT (the features' token)."""
+    tokenizer = clip_tokenizer()
+    sot, eot = tokenizer.encoder["<|startoftext|>"], tokenizer.encoder["<|endoftext|>"]
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    tokens = torch.zeros(len(texts), context_length, dtype=torch.long)  # (B, L)
+    for row, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"tokenize expects strings, got {type(text).__name__}: {text!r}")
+        ids = [sot] + tokenizer.encode(text) + [eot]
+        if len(ids) > context_length and not truncate:
+            raise ValueError(f"text of {len(ids)} tokens > context_length {context_length}: "
+                             f"{text[:80]!r}")
+        ids = ids if len(ids) <= context_length else ids[:context_length - 1] + [eot]
+        tokens[row, :len(ids)] = torch.tensor(ids)
+    return tokens
 
 
-# 3b. ResNet stages and bottlenecks (torchvision's and CLIP's); CLIP's ModifiedResNet
+@torch.inference_mode()
+def encode_captions(clip_model: nn.Module, captions, prefix: str = "", batch_size: int = 256):
+    """Captions -> (B, D) float32 CLIP text embeddings (encode_text, not normalised) of
+    `prefix + " " + caption`; clip_model as load_clip_text returns it."""
+    prefix = prefix.rstrip() + " " if prefix else ""
+    device, length = clip_model.text_projection.device, clip_model.context_length
+    out = [clip_model.encode_text(tokenize([prefix + c for c in captions[s:s + batch_size]], length)
+                                  .to(device)).float().cpu()
+           for s in range(0, len(captions), batch_size)]
+    return torch.cat(out) if out else torch.zeros(0, clip_model.text_projection.shape[1])
+
+
+# 3b. ImageNet ResNet and 3D ResNeXt in plain PyTorch, in the key layouts of their public
+# checkpoints: no importable package has them (torchvision does not import beside this torch build;
+# 3D-ResNets-PyTorch is not a package). VGGish is torchvggish's.
 
 
 def add_stages(module, block, inplanes, base_planes, layers, expansion):
-    """Add layer1..layerN: stage i has layers[i] blocks of base_planes * 2**i planes, stride 2 after stage 1.
-
-    Returns the output channels. Shared by CLIP's ModifiedResNet, torchvision's ResNet and the 3D ResNeXt.
-    """
+    """Add layer1..layerN: stage i has layers[i] blocks of base_planes * 2**i planes, stride 2 after
+    stage 1. Returns the output channels. Shared by torchvision's ResNet and the 3D ResNeXt."""
     for i, blocks in enumerate(layers):
         planes = base_planes * 2 ** i
         stage = [block(inplanes, planes, 1 if i == 0 else 2)]
@@ -442,124 +408,32 @@ def add_stages(module, block, inplanes, base_planes, layers, expansion):
 
 
 class Bottleneck(nn.Module):
-    """ResNet bottleneck 1x1 -> 3x3 -> 1x1 (4x planes) plus a shortcut. torchvision's (v1.5) strides on the 3x3 conv;
-    CLIP's anti-aliased one average-pools after it instead, and before the shortcut's conv."""
+    """torchvision's ResNet bottleneck (v1.5): 1x1 -> 3x3 (carries the stride) -> 1x1 (4x planes),
+    plus a shortcut (a strided 1x1 conv where the shape changes)."""
 
-    def __init__(self, inplanes, planes, stride=1, anti_alias=False):
+    def __init__(self, inplanes, planes, stride=1):
         super().__init__()
-        conv_stride = 1 if anti_alias else stride
         self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=conv_stride, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.avgpool = nn.AvgPool2d(stride) if anti_alias and stride > 1 else nn.Identity()
         self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * 4)
         self.downsample = None
         if stride != 1 or inplanes != planes * 4:
-            pool = [("-1", nn.AvgPool2d(stride))] if anti_alias else []
-            self.downsample = nn.Sequential(OrderedDict(pool + [
-                ("0", nn.Conv2d(inplanes, planes * 4, 1, stride=conv_stride, bias=False)),
-                ("1", nn.BatchNorm2d(planes * 4))]))
+            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes * 4, 1, stride, bias=False),
+                                            nn.BatchNorm2d(planes * 4))
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
-        out = self.avgpool(F.relu(self.bn2(self.conv2(out))))
+        out = F.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         identity = x if self.downsample is None else self.downsample(x)
         return F.relu(out + identity)
 
 
-class AttentionPool2d(nn.Module):
-    """QKV attention pooling: the mean token (plus positions) attends over the spatial grid."""
-
-    def __init__(self, spacial_dim: int, embed_dim: int, num_heads: int, output_dim: int):
-        super().__init__()
-        self.positional_embedding = nn.Parameter(torch.randn(spacial_dim ** 2 + 1, embed_dim) / embed_dim ** 0.5)
-        self.k_proj = nn.Linear(embed_dim, embed_dim)
-        self.q_proj = nn.Linear(embed_dim, embed_dim)
-        self.v_proj = nn.Linear(embed_dim, embed_dim)
-        self.c_proj = nn.Linear(embed_dim, output_dim)
-        self.num_heads = num_heads
-
-    def forward(self, x):  # (B, C, H, W)
-        x = x.flatten(2).transpose(1, 2)  # (B, HW, C)
-        x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1) + self.positional_embedding.to(x.dtype)  # (B, HW + 1, C)
-
-        def heads(t):  # (B, L, C) -> (B, heads, L, C / heads)
-            return t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
-
-        q, k, v = heads(self.q_proj(x[:, :1])), heads(self.k_proj(x)), heads(self.v_proj(x))  # the mean token asks
-        return self.c_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))[:, 0]  # (B, output_dim)
-
-
-class ModifiedResNet(nn.Module):
-    """CLIP's ResNet: 3-conv stem with avgpool, anti-aliased bottlenecks, attention pooling."""
-
-    def __init__(self, layers, output_dim, heads, input_resolution=224, width=64):
-        super().__init__()
-        self.input_resolution, self.output_dim = input_resolution, output_dim
-        self.conv1 = nn.Conv2d(3, width // 2, kernel_size=3, stride=2, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width // 2)
-        self.conv2 = nn.Conv2d(width // 2, width // 2, kernel_size=3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width // 2)
-        self.conv3 = nn.Conv2d(width // 2, width, kernel_size=3, padding=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(width)
-        self.avgpool = nn.AvgPool2d(2)
-        add_stages(self, partial(Bottleneck, anti_alias=True), width, width, layers, expansion=4)
-        self.attnpool = AttentionPool2d(input_resolution // 32, width * 32, heads, output_dim)
-
-    def forward(self, x):  # (B, 3, H, W)
-        x = x.to(self.conv1.weight.dtype)
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = F.relu(self.bn2(self.conv2(x)))
-        x = self.avgpool(F.relu(self.bn3(self.conv3(x))))  # (B, width, H/4, W/4)
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))  # (B, 32 width, H/32, W/32)
-        return self.attnpool(x)  # (B, output_dim)
-
-
-def sub_state_dict(state_dict: dict, prefix: str) -> dict:
-    """The entries under `prefix`, with the prefix removed."""
-    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-
-
-def num_blocks(state_dict: dict, prefix: str) -> int:
-    """How many numbered children `prefix.<i>.` the state_dict has."""
-    return len({k[len(prefix):].split(".")[1] for k in state_dict if k.startswith(prefix + ".")})
-
-
-def clip_visual_config(state_dict: dict) -> dict:
-    """CLIP visual hyper-parameters read off a CLIP state_dict's tensor shapes (as openai/CLIP's build_model)."""
-    sd = sub_state_dict(state_dict, "visual.")
-    if not sd:
-        raise ValueError("not a CLIP checkpoint: no 'visual.*' tensors")
-    if "proj" in sd:  # ViT: patch embedding conv, [CLS] + grid**2 positions, 64-d heads
-        width, patch = sd["conv1.weight"].shape[0], sd["conv1.weight"].shape[-1]
-        grid = round((sd["positional_embedding"].shape[0] - 1) ** 0.5)
-        return dict(arch="vit", input_resolution=patch * grid, patch_size=patch, width=width,
-                    layers=len([k for k in sd if k.endswith(".attn.in_proj_weight")]), heads=width // 64,
-                    output_dim=sd["proj"].shape[1])
-    width = sd["layer1.0.conv1.weight"].shape[0]  # ModifiedResNet: the attention pool sees a 1/32 grid
-    grid = round((sd["attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
-    return dict(arch="resnet", layers=[num_blocks(sd, f"layer{b}") for b in (1, 2, 3, 4)],
-                output_dim=sd["attnpool.c_proj.weight"].shape[0], heads=width * 32 // 64,
-                input_resolution=grid * 32, width=width)
-
-
-def build_clip_visual(state_dict: dict) -> nn.Module:
-    """CLIP's image encoder (encode_image) from a CLIP state_dict, in fp32."""
-    cfg = clip_visual_config(state_dict)
-    model = (VisionTransformer if cfg.pop("arch") == "vit" else ModifiedResNet)(**cfg)
-    sd = sub_state_dict(state_dict, "visual.")
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
-    return model.eval()
-
-
-# 3c. torchvision's ImageNet ResNet (the INP baseline), key layout of torchvision.models.resnet
-
-
 class ResNet(nn.Module):
-    """ImageNet ResNet trunk (no fc): 7x7 stem, maxpool, 4 stages, global average pool -> (B, 2048)."""
+    """torchvision's ImageNet ResNet without fc: 7x7 stem, maxpool, 4 stages, global average."""
 
     def __init__(self, layers=(3, 4, 23, 3), width=64):
         super().__init__()
@@ -571,243 +445,86 @@ class ResNet(nn.Module):
     def forward(self, x):  # (B, 3, 224, 224)
         x = self.maxpool(F.relu(self.bn1(self.conv1(x))))  # (B, 64, 56, 56)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))  # (B, 2048, 7, 7)
-        return x.mean(dim=(2, 3))  # (B, 2048): the globally average-pooled feature
+        return x.mean(dim=(2, 3))  # (B, 2048): layer4 globally average-pooled
+
+
+def num_blocks(state_dict: dict, prefix: str) -> int:
+    """How many numbered children `prefix.<i>.` the state_dict has."""
+    return len({k[len(prefix):].split(".")[1] for k in state_dict if k.startswith(prefix + ".")})
+
+
+def fp32(state_dict: dict) -> dict:
+    """The state_dict with its floating-point tensors in fp32, as extraction runs."""
+    return {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
 
 
 def build_imagenet_resnet(state_dict: dict) -> nn.Module:
     """torchvision resnet50/101/152 from its state_dict (fc.* ignored), depth read off the keys."""
     if "layer1.0.conv3.weight" not in state_dict:
-        raise ValueError("not a torchvision bottleneck-ResNet state_dict (no 'layer1.0.conv3.weight')")
+        raise ValueError("not a torchvision bottleneck-ResNet (no 'layer1.0.conv3.weight' tensor)")
     layers = [num_blocks(state_dict, f"layer{b}") for b in (1, 2, 3, 4)]
     model = ResNet(layers, width=state_dict["conv1.weight"].shape[0])
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v
-                           for k, v in state_dict.items() if not k.startswith("fc.")})
+    model.load_state_dict(fp32({k: v for k, v in state_dict.items() if not k.startswith("fc.")}))
     return model.eval()
-
-
-# 3d. CLIP's text side: byte-level BPE tokenizer (openai/CLIP simple_tokenizer.py) and text tower
-
-BPE_VOCAB_NAME = "bpe_simple_vocab_16e6.txt.gz"
-BPE_PACKAGES = ("clip", "open_clip")  # openai-clip and clip-anytorch install `clip`, open-clip-torch `open_clip`
-SOT, EOT = "<|startoftext|>", "<|endoftext|>"
-N_MERGES = 49152 - 256 - 2  # the merges CLIP uses: 2 * 256 byte symbols + 48,894 merges + SOT, EOT = 49,408 ids
-# a word is a special token, a contraction, a run of letters, ONE digit, or a run of other non-space symbols
-WORD_PATTERN = regex.compile(
-    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
-    regex.IGNORECASE)
-
-
-def find_bpe_vocab() -> Path:
-    """CLIP's merges file inside an installed package (MIT licence); it is not copied into this repository."""
-    for package in BPE_PACKAGES:
-        spec = importlib.util.find_spec(package)  # locates the package without importing it
-        for root in (spec.submodule_search_locations or []) if spec else []:
-            if (Path(root) / BPE_VOCAB_NAME).is_file():
-                return Path(root) / BPE_VOCAB_NAME
-    raise FileNotFoundError(
-        f"CLIP's BPE vocabulary {BPE_VOCAB_NAME} was not found in an installed `clip` or `open_clip` package; "
-        "install it with `pip install -r requirements.txt` (openai-clip; only that file is used)")
-
-
-@lru_cache()
-def bytes_to_unicode() -> dict:
-    """Each of the 256 bytes -> a printable character, so BPE never sees spaces or control codes."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    unprintable = [b for b in range(256) if b not in printable]
-    # printable bytes stand for themselves, the others borrow code points 256, 257, ...; this order
-    # (printable first) is the order of the first 256 token ids
-    return {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(unprintable)}
-
-
-def clean_text(text: str) -> str:
-    """CLIP's normalisation: repair mojibake (ftfy), unescape HTML twice, collapse whitespace, lower-case."""
-    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
-    return regex.sub(r"\s+", " ", text).strip().lower()
-
-
-class BPETokenizer:
-    """CLIP's tokenizer: clean the text, split it into words, merge each word's bytes by the BPE ranks."""
-
-    def __init__(self, vocab_path=None):
-        vocab_path = Path(vocab_path) if vocab_path else find_bpe_vocab()
-        if not vocab_path.is_file():
-            raise FileNotFoundError(f"CLIP BPE vocabulary {vocab_path} does not exist")
-        lines = gzip.open(vocab_path).read().decode("utf-8").split("\n")
-        merges = [tuple(line.split()) for line in lines[1:N_MERGES + 1]]  # line 0 is a version header
-        if len(merges) != N_MERGES or any(len(m) != 2 for m in merges):
-            raise ValueError(f"{vocab_path}: expected {N_MERGES} merges of two symbols each")
-        self.byte_encoder = bytes_to_unicode()
-        symbols = list(self.byte_encoder.values())
-        vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [SOT, EOT]
-        self.encoder = {token: i for i, token in enumerate(vocab)}  # 49,408 ids
-        self.merge_rank = {pair: rank for rank, pair in enumerate(merges)}  # lower rank = merged earlier
-        self.sot_id, self.eot_id = self.encoder[SOT], self.encoder[EOT]
-        self.cache = {SOT: [SOT], EOT: [EOT]}
-
-    def bpe(self, word: str) -> list:
-        """One byte-encoded word -> its BPE symbols, the last one marked with '</w>'."""
-        if word in self.cache:
-            return self.cache[word]
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(symbols) > 1:
-            # merge every occurrence of the adjacent pair with the lowest rank, left to right
-            best = min(zip(symbols, symbols[1:]), key=lambda pair: self.merge_rank.get(pair, float("inf")))
-            if best not in self.merge_rank:
-                break
-            merged, i = [], 0
-            while i < len(symbols):
-                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
-                    merged.append(symbols[i] + symbols[i + 1])
-                    i += 2
-                else:
-                    merged.append(symbols[i])
-                    i += 1
-            symbols = merged
-        self.cache[word] = symbols
-        return symbols
-
-    def encode(self, text: str) -> list:
-        """Token ids of a text, without SOT/EOT."""
-        ids = []
-        for word in WORD_PATTERN.findall(clean_text(text)):
-            word = "".join(self.byte_encoder[b] for b in word.encode("utf-8"))
-            ids += [self.encoder[symbol] for symbol in self.bpe(word)]
-        return ids
-
-
-@lru_cache()
-def default_tokenizer() -> BPETokenizer:
-    """The tokenizer on the installed vocabulary file, built once."""
-    return BPETokenizer()
-
-
-def tokenize(texts, context_length: int = 77, truncate: bool = True, tokenizer=None) -> torch.Tensor:
-    """Texts -> (B, context_length) int64: SOT, BPE ids, EOT, zero padding (as OpenAI's clip.tokenize)."""
-    texts = [texts] if isinstance(texts, str) else list(texts)
-    for t in texts:
-        if not isinstance(t, str):
-            raise TypeError(f"tokenize expects strings, got {type(t).__name__}: {t!r}")
-    tokenizer = tokenizer or default_tokenizer()
-    tokens = torch.zeros(len(texts), context_length, dtype=torch.long)  # (B, L)
-    for row, text in enumerate(texts):
-        ids = [tokenizer.sot_id] + tokenizer.encode(text) + [tokenizer.eot_id]
-        if len(ids) > context_length:
-            if not truncate:
-                raise ValueError(f"text of {len(ids)} tokens > context_length {context_length}: {text[:80]!r}")
-            ids = ids[:context_length - 1] + [tokenizer.eot_id]  # keep the EOT: the features are read there
-        tokens[row, :len(ids)] = torch.tensor(ids)
-    return tokens
-
-
-class TextTransformer(nn.Module):
-    """CLIP's text tower (encode_text): causal Transformer over BPE ids, read at EOT, projected."""
-
-    def __init__(self, output_dim, context_length, vocab_size, width, layers, heads):
-        super().__init__()
-        self.context_length, self.output_dim = context_length, output_dim
-        self.token_embedding = nn.Embedding(vocab_size, width)
-        self.positional_embedding = nn.Parameter(torch.empty(context_length, width).normal_(std=0.01))
-        causal = torch.full((context_length, context_length), float("-inf")).triu(1)  # token t sees 0..t
-        self.transformer = Transformer(width, layers, heads, attn_mask=causal)
-        self.ln_final = LayerNorm(width)
-        self.text_projection = nn.Parameter(torch.empty(width, output_dim).normal_(std=width ** -0.5))
-
-    def forward(self, tokens):  # (B, L) int64
-        if tokens.ndim != 2 or tokens.shape[1] != self.context_length:
-            raise ValueError(f"expected token ids of shape (B, {self.context_length}), got {tuple(tokens.shape)}")
-        eot = tokens.argmax(dim=-1)  # (B,) EOT has the largest id in every row
-        L = int(eot.max()) + 1  # causal: tokens after the last EOT cannot change it, so they are skipped
-        x = self.token_embedding(tokens[:, :L]) + self.positional_embedding[:L]  # (B, L, width)
-        x = self.ln_final(self.transformer(x))  # (B, L, width)
-        return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection  # (B, output_dim)
-
-
-TEXT_PREFIXES = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
-
-
-def clip_text_config(state_dict: dict) -> dict:
-    """CLIP text hyper-parameters read off a CLIP state_dict's tensor shapes (as openai/CLIP's build_model)."""
-    for key in ("token_embedding.weight", "positional_embedding", "ln_final.weight", "text_projection"):
-        if key not in state_dict:
-            raise ValueError(f"not a CLIP checkpoint with a text tower: no {key!r} tensor")
-    width = state_dict["ln_final.weight"].shape[0]
-    return dict(output_dim=state_dict["text_projection"].shape[1],
-                context_length=state_dict["positional_embedding"].shape[0],
-                vocab_size=state_dict["token_embedding.weight"].shape[0], width=width,
-                layers=num_blocks(state_dict, "transformer.resblocks"), heads=width // 64)
-
-
-def build_clip_text(state_dict: dict) -> nn.Module:
-    """CLIP's text encoder (encode_text) from a CLIP state_dict, in fp32."""
-    model = TextTransformer(**clip_text_config(state_dict))
-    model.load_state_dict({k: v.float() for k, v in state_dict.items() if k.startswith(TEXT_PREFIXES)})
-    return model.eval()
-
-
-# 3e. 3D ResNeXt (motion; Hara et al., CVPR 2018), key layout of 3D-ResNets-PyTorch's models/resnext.py
 
 
 class ResNeXtBlock(Bottleneck):
-    """3D bottleneck 1x1x1 -> grouped 3x3x3 (carries the stride) -> 1x1x1, plus a conv shortcut (type B).
-
-    The same residual forward as the 2D Bottleneck; only the convolutions differ.
-    """
+    """3D bottleneck 1x1x1 -> grouped 3x3x3 (carries the stride) -> 1x1x1, plus a conv shortcut
+    (type B): the residual forward of the 2D Bottleneck, other convolutions."""
     expansion = 2
 
-    def __init__(self, inplanes, planes, cardinality, stride=1):
+    def __init__(self, inplanes, planes, stride=1, cardinality=32):
         nn.Module.__init__(self)
-        self.avgpool = nn.Identity()
-        mid, out = cardinality * (planes // 32), planes * self.expansion  # cardinality 32: mid = planes
+        mid, out = cardinality * (planes // 32), planes * self.expansion  # cardinality 32: planes
         self.conv1 = nn.Conv3d(inplanes, mid, kernel_size=1, bias=False)
         self.bn1 = nn.BatchNorm3d(mid)
-        self.conv2 = nn.Conv3d(mid, mid, kernel_size=3, stride=stride, padding=1, groups=cardinality, bias=False)
+        self.conv2 = nn.Conv3d(mid, mid, 3, stride, padding=1, groups=cardinality, bias=False)
         self.bn2 = nn.BatchNorm3d(mid)
         self.conv3 = nn.Conv3d(mid, out, kernel_size=1, bias=False)
         self.bn3 = nn.BatchNorm3d(out)
         self.downsample = None
         if stride != 1 or inplanes != out:
-            self.downsample = nn.Sequential(nn.Conv3d(inplanes, out, kernel_size=1, stride=stride, bias=False),
+            self.downsample = nn.Sequential(nn.Conv3d(inplanes, out, 1, stride=stride, bias=False),
                                             nn.BatchNorm3d(out))
 
 
 class ResNeXt3D(nn.Module):
-    """3D ResNeXt trunk: a (B, 3, 16, 112, 112) clip -> (B, 2048), the globally average-pooled feature."""
+    """3D ResNeXt (Hara et al., CVPR 2018), 3D-ResNets-PyTorch's models/resnext.py: a (B, 3, 16,
+    112, 112) clip -> (B, 2048), the globally average-pooled feature."""
 
     def __init__(self, layers=(3, 4, 23, 3), cardinality=32, num_classes=400):
         super().__init__()
         self.conv1 = nn.Conv3d(3, 64, kernel_size=7, stride=(1, 2, 2), padding=3, bias=False)
         self.bn1 = nn.BatchNorm3d(64)
         self.maxpool = nn.MaxPool3d(kernel_size=3, stride=2, padding=1)
-        block = lambda inplanes, planes, stride: ResNeXtBlock(inplanes, planes, cardinality, stride)  # noqa: E731
-        self.output_dim = add_stages(self, block, 64, 128, layers, expansion=ResNeXtBlock.expansion)
-        self.fc = nn.Linear(self.output_dim, num_classes)  # the Kinetics classifier: loaded (strict), not used
+        block = partial(ResNeXtBlock, cardinality=cardinality)
+        self.output_dim = add_stages(self, block, 64, 128, layers, ResNeXtBlock.expansion)
+        self.fc = nn.Linear(self.output_dim, num_classes)  # the Kinetics classifier: loaded, unused
 
     def forward(self, x):  # (B, 3, 16, 112, 112)
         x = self.maxpool(F.relu(self.bn1(self.conv1(x))))  # (B, 64, 8, 28, 28)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))  # (B, 2048, 1, 4, 4)
-        # the reference's AvgPool3d((ceil(16 / 16), ceil(112 / 32), ceil(112 / 32))) covers this whole map
+        # the reference's AvgPool3d((ceil(16 / 16), ceil(112 / 32), ceil(112 / 32))) covers the map
         return x.mean(dim=(2, 3, 4))  # (B, 2048)
 
 
 def build_resnext3d(state_dict: dict) -> nn.Module:
-    """3D ResNeXt from a 3D-ResNets-PyTorch checkpoint (`module.` keys of nn.DataParallel, or bare ones);
-    depth, cardinality and classes read off the shapes. The 2018 files predate num_batches_tracked:
-    a plain dict lets BatchNorm fill it in; every other key must match exactly."""
+    """3D ResNeXt from a 3D-ResNets-PyTorch checkpoint (`module.` keys of nn.DataParallel, or bare
+    ones); depth, cardinality and classes read off the shapes. The 2018 files predate
+    num_batches_tracked: a plain dict lets BatchNorm fill it in; all other keys must match."""
     sd = {k.removeprefix("module."): v for k, v in state_dict.items()}
-    if "layer1.0.conv2.weight" not in sd or sd["layer1.0.conv2.weight"].dim() != 5 or "fc.weight" not in sd:
-        raise ValueError("not a 3D-ResNets-PyTorch ResNeXt checkpoint (no 5-d 'layer1.0.conv2.weight' or no 'fc')")
-    conv2 = sd["layer1.0.conv2.weight"]  # (mid, mid / cardinality, 3, 3, 3)
+    conv2 = sd.get("layer1.0.conv2.weight")  # (mid, mid / cardinality, 3, 3, 3)
+    if conv2 is None or conv2.dim() != 5 or "fc.weight" not in sd:
+        raise ValueError("not a 3D-ResNets-PyTorch ResNeXt checkpoint (no 5-d "
+                         "'layer1.0.conv2.weight' or no 'fc')")
     layers = [num_blocks(sd, f"layer{b}") for b in (1, 2, 3, 4)]
-    model = ResNeXt3D(layers, cardinality=conv2.shape[0] // conv2.shape[1], num_classes=sd["fc.weight"].shape[0])
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
+    model = ResNeXt3D(layers, conv2.shape[0] // conv2.shape[1], sd["fc.weight"].shape[0])
+    model.load_state_dict(fp32(sd))
     return model.eval()
 
 
-# 3f. VGGish (audio; Hershey et al., ICASSP 2017), key layout of harritaylor/torchvggish
-
-
 class VGGishPCA(nn.Module):
-    """The AudioSet release's post-processing: PCA with whitening, clip to [-2, 2], 8-bit quantisation."""
+    """The AudioSet release's post-processing: PCA and whitening, clip to [-2, 2], 8-bit levels."""
 
     def __init__(self, matrix: torch.Tensor, means: torch.Tensor):
         super().__init__()
@@ -819,51 +536,28 @@ class VGGishPCA(nn.Module):
         return torch.round((projected.clamp(-2.0, 2.0) + 2.0) * (255.0 / 4.0))
 
 
-class VGGish(nn.Module):
-    """VGGish: a (B, 1, 96, 64) log-mel example (96 frames x 64 bands) -> a (B, 128) embedding."""
-
-    def __init__(self, pca: VGGishPCA = None):
-        super().__init__()
-        layers, channels = [], 1
-        for v in (64, "M", 128, "M", 256, 256, "M", 512, 512, "M"):  # list positions = features.<i> keys
-            if v == "M":
-                layers.append(nn.MaxPool2d(2, 2))
-            else:
-                layers += [nn.Conv2d(channels, v, 3, padding=1), nn.ReLU(inplace=True)]
-                channels = v
-        self.features = nn.Sequential(*layers)
-        self.embeddings = nn.Sequential(
-            nn.Linear(512 * 6 * 4, 4096), nn.ReLU(True), nn.Linear(4096, 4096), nn.ReLU(True),
-            # torchvggish ends in a ReLU (TF's release has none there, torchvggish issue #24); kept, so that
-            # the port's checkpoint gives the port's numbers
-            nn.Linear(4096, 128), nn.ReLU(True))
-        self.pproc = pca
-        self.output_dim = 128
-
-    def forward(self, x):  # (B, 1, 96, 64)
-        x = self.features(x)  # (B, 512, 6, 4): 6 time steps x 4 frequency bands
-        x = x.permute(0, 2, 3, 1).flatten(1)  # (B, 12288) in TF's (time, frequency, channel) order
-        x = self.embeddings(x)  # (B, 128)
-        return x if self.pproc is None else self.pproc(x)
-
-
 def build_vggish(state_dict: dict, pca: VGGishPCA = None) -> nn.Module:
-    """VGGish from torchvggish's `vggish-10086976.pth` (features.*, embeddings.*; a pproc.* is ignored)."""
+    """torchvggish's VGGish from its vggish-10086976.pth (features.*, embeddings.*; no pproc.*),
+    then the release's PCA if given: a (B, 1, 96, 64) log-mel example -> a (B, 128) embedding. It
+    ends in a ReLU, as the port (TF's release has none: torchvggish issue #24)."""
     sd = {k: v for k, v in state_dict.items() if not k.startswith("pproc.")}
     if "embeddings.4.weight" not in sd:
         raise ValueError("not a torchvggish VGGish state_dict (no 'embeddings.4.weight')")
-    model = VGGish()
-    model.load_state_dict({k: v.float() for k, v in sd.items()})
-    model.pproc = pca
+    vggish = package_module("torchvggish", "torchvggish")
+    model = vggish.VGG(vggish.make_layers(), postprocess=False)  # its own PCA would download
+    model.load_state_dict(fp32(sd))
+    model = model if pca is None else nn.Sequential(model, pca)
+    model.output_dim = 128
     return model.eval()
 
 
 def load_vggish_pca(path) -> VGGishPCA:
-    """The PCA parameters in torchvggish's `vggish_pca_params-970ea276.pth`: numpy arrays in a dict."""
+    """The PCA parameters in torchvggish's vggish_pca_params-970ea276.pth: numpy arrays, a dict."""
+    core = np._core if hasattr(np, "_core") else np.core
     numpy_types = [np.ndarray, np.dtype, np.dtypes.Float64DType, np.dtypes.Float32DType,
-                   np._core.multiarray._reconstruct if hasattr(np, "_core") else np.core.multiarray._reconstruct]
+                   core.multiarray._reconstruct]
     try:
-        with torch.serialization.safe_globals(numpy_types):  # weights_only, with numpy arrays allowed
+        with torch.serialization.safe_globals(numpy_types):  # weights_only, numpy arrays allowed
             params = torch.load(path, map_location="cpu", weights_only=True)
         matrix = torch.as_tensor(np.asarray(params["pca_eigen_vectors"]), dtype=torch.float32)
         means = torch.as_tensor(np.asarray(params["pca_means"]), dtype=torch.float32).reshape(-1, 1)
@@ -876,89 +570,98 @@ def load_vggish_pca(path) -> VGGishPCA:
     return VGGishPCA(matrix, means)
 
 
+TORCHVGGISH_URL = "https://github.com/harritaylor/torchvggish/releases/download/v0.1/"
+VGGISH_PCA_URL = TORCHVGGISH_URL + "vggish_pca_params-970ea276.pth"  # names carry SHA-256 prefixes
+VGGISH_PCA_SHA256 = "970ea276"
+
+
+def build_vggish_pca(state_dict: dict) -> nn.Module:
+    """VGGish and the release's PCA, whose parameters file is downloaded (and verified) here."""
+    return build_vggish(state_dict, load_vggish_pca(fetch(VGGISH_PCA_URL, VGGISH_PCA_SHA256)))
+
+
 # ----------------------------------------------------------------------------------------------
 # 4. The backbone registry
 
 
-@dataclass
+@dataclass(frozen=True)
 class Backbone:
     """What extract() needs to know about a backbone; adding one = adding an entry to BACKBONES."""
     name: str
-    kind: str              # one sample per segment centre: "frames" (an image), "clips" or "audio" (decode_video)
-    build: Callable        # state_dict -> nn.Module with .output_dim: to_input(batch) -> (B, output_dim)
-    preprocess: Callable   # in the decode workers: PIL image -> uint8 (H, W, 3)
-    to_input: Callable     # on the device: the decoded batch -> the model's float input
+    kind: str  # one sample per segment: "frames" (an image), "clips" or "audio" (decode_video)
+    build: Callable  # state_dict -> nn.Module with .output_dim: to_input(batch) -> (B, output_dim)
     dim: int
     url: str
-    sha256: str            # the full SHA-256 (OpenAI) or its prefix (torchvision's file names)
+    sha256: str  # the full SHA-256 (OpenAI) or its prefix (torchvision's, torchvggish's file names)
+    preprocessing: str  # THE description of the preprocessing: in --help and meta.json
+    preprocess: Callable = None  # in the decode workers: PIL image -> uint8 (H, W, 3)
+    to_input: Callable = None  # on the device: the decoded batch -> the model's float input
     input_size: int = 224  # pixels of the square model input
-    preprocessing: str = ""  # human-readable, for meta.json
-    clip_len: int = 0      # "clips": frames per clip
-    file: str = ""         # the cache file name when the URL is not a direct download
+    clip_len: int = 0  # "clips": frames per clip
+    file: str = ""  # the cache file name when the URL is not a direct download
 
 
-def clip_backbone(name, dim, sha, file, size=224):
-    """A CLIP visual encoder entry; OpenAI's URLs carry the file's SHA-256."""
+def clip_backbone(name, dim, file, sha, size=224):
+    """A CLIP image encoder entry; OpenAI's URLs carry the file's SHA-256."""
     return Backbone(
-        name=name, kind="frames", build=build_clip_visual,
-        preprocess=partial(preprocess, resize=size, size=size, resample=Image.BICUBIC),
-        to_input=partial(normalize, mean=CLIP_MEAN, std=CLIP_STD), dim=dim,
-        url=f"https://openaipublic.azureedge.net/clip/models/{sha}/{file}", sha256=sha, input_size=size,
+        name=name, kind="frames", build=build_clip_visual, dim=dim, sha256=sha,
+        url=f"https://openaipublic.azureedge.net/clip/models/{sha}/{file}",
         preprocessing=f"CLIP: shorter side {size} (PIL bicubic), centre crop {size}, RGB, /255, "
-                      f"mean {CLIP_MEAN}, std {CLIP_STD}")
+                      f"mean {CLIP_MEAN}, std {CLIP_STD}",
+        preprocess=partial(preprocess, resize=size, size=size, resample=Image.BICUBIC),
+        to_input=partial(normalize, mean=CLIP_MEAN, std=CLIP_STD), input_size=size)
 
 
-BACKBONES = {  # OpenAI's file SHA-256s as in openai/CLIP's clip.py _MODELS
-    "ViT-B/32": clip_backbone("ViT-B/32", 512, "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af",
-                              "ViT-B-32.pt"),
-    "ViT-B/16": clip_backbone("ViT-B/16", 512, "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f",
-                              "ViT-B-16.pt"),
-    "RN50": clip_backbone("RN50", 1024, "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762",
-                          "RN50.pt"),
-    "RN101": clip_backbone("RN101", 512, "8fa8567bab74a42d41c5915025a8e4538c3bdbe8804a470a72f30b0d94fab599",
-                           "RN101.pt"),
-    "RN50x4": clip_backbone("RN50x4", 640, "7e526bd135e493cef0776de27d5f42653e6b4c8bf9e0f653bb11773263205fdd",
-                            "RN50x4.pt", size=288),
-    "resnet101": Backbone(  # INP: torchvision IMAGENET1K_V1, the classic ImageNet weights
-        name="resnet101", kind="frames", build=build_imagenet_resnet,
-        preprocess=partial(preprocess, resize=256, size=224, resample=Image.BILINEAR),
-        to_input=partial(normalize, mean=IMAGENET_MEAN, std=IMAGENET_STD), dim=2048,
-        url="https://download.pytorch.org/models/resnet101-63fe2227.pth", sha256="63fe2227",
+def vggish_backbone(name, build, output):
+    """A VGGish entry: torchvggish's release file (the name carries its SHA-256 prefix)."""
+    return Backbone(
+        name=name, kind="audio", build=build, dim=128, sha256="10086976",
+        url=TORCHVGGISH_URL + "vggish-10086976.pth", to_input=lambda x: x,
+        preprocessing="VGGish (torchvggish): soundtrack -> 16-bit PCM / 32768, channel mean, 16 "
+                      "kHz (resampy), 25 ms periodic-Hann windows every 10 ms, |FFT 512|, 64 HTK "
+                      "mel bands 125-7500 Hz, log(mel + 0.01); the 0.96 s example (96 x 64) "
+                      "centred on each segment-centre frame's time; no soundtrack -> zeros, listed "
+                      "in 'silent'; " + output)
+
+
+BACKBONES = {b.name: b for b in [  # OpenAI's SHA-256s as in openai/CLIP's clip.py _MODELS
+    clip_backbone("ViT-B/32", 512, "ViT-B-32.pt",
+                  "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af"),
+    clip_backbone("ViT-B/16", 512, "ViT-B-16.pt",
+                  "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f"),
+    clip_backbone("RN50", 1024, "RN50.pt",
+                  "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762"),
+    clip_backbone("RN101", 512, "RN101.pt",
+                  "8fa8567bab74a42d41c5915025a8e4538c3bdbe8804a470a72f30b0d94fab599"),
+    clip_backbone("RN50x4", 640, "RN50x4.pt",
+                  "7e526bd135e493cef0776de27d5f42653e6b4c8bf9e0f653bb11773263205fdd", size=288),
+    Backbone(  # INP: torchvision's IMAGENET1K_V1, the classic ImageNet weights
+        name="resnet101", kind="frames", build=build_imagenet_resnet, dim=2048, sha256="63fe2227",
+        url="https://download.pytorch.org/models/resnet101-63fe2227.pth",
         preprocessing=f"ImageNet: shorter side 256 (PIL bilinear), centre crop 224, RGB, /255, "
-                      f"mean {IMAGENET_MEAN}, std {IMAGENET_STD}"),
-    # Motion: Hara et al.'s Kinetics-400 ResNeXt-101 (16-frame `resnext-101-kinetics.pth`, 2018 release).
-    # It sits in a Google Drive folder: no direct-download URL and no published SHA-256, so it is
-    # downloaded by hand and passed with --weights (or put in the cache folder under `file`).
-    "resnext101-kinetics": Backbone(
-        name="resnext101-kinetics", kind="clips", build=build_resnext3d,
-        preprocess=partial(preprocess, resize=KINETICS_SIZE, size=KINETICS_SIZE, resample=Image.BILINEAR),
-        to_input=partial(normalize, mean=KINETICS_MEAN, scale=1.0), dim=2048, sha256="", input_size=KINETICS_SIZE,
-        clip_len=KINETICS_CLIP_LEN, file="resnext-101-kinetics.pth",
+                      f"mean {IMAGENET_MEAN}, std {IMAGENET_STD}",
+        preprocess=partial(preprocess, resize=256, size=224, resample=Image.BILINEAR),
+        to_input=partial(normalize, mean=IMAGENET_MEAN, std=IMAGENET_STD)),
+    Backbone(  # Hara et al.'s 16-frame `resnext-101-kinetics.pth` (2018), in a Google Drive folder:
+        # no direct download, no published SHA-256 (passed with --weights, or put in the cache)
+        name="resnext101-kinetics", kind="clips", build=build_resnext3d, dim=2048, sha256="",
         url="https://drive.google.com/drive/folders/14KRBqT8ySfPtFSuLsFS2U4I-ihTDs0Y9",
-        preprocessing=f"3D-ResNets: {KINETICS_CLIP_LEN} consecutive frames centred on each segment centre (shifted "
-                      f"inside the video, looped if it is shorter), shorter side 112 (PIL bilinear), centre crop "
-                      f"112, RGB in [0, 255] minus mean {KINETICS_MEAN}, std 1"),
-}
-
-VGGISH_TEXT = ("VGGish (torchvggish): soundtrack -> 16-bit PCM / 32768, channel mean, 16 kHz (resampy), 25 ms "
-               "periodic-Hann windows every 10 ms, |FFT 512|, 64 HTK mel bands 125-7500 Hz, log(mel + 0.01); the "
-               "0.96 s example (96 x 64) centred on each segment-centre frame's time; no soundtrack -> zeros, "
-               "listed in 'silent'")
-TORCHVGGISH_URL = "https://github.com/harritaylor/torchvggish/releases/download/v0.1/"  # names carry SHA-256 prefixes
-VGGISH_PCA = Backbone(  # vggish-pca's second file, fetched and verified like a backbone's weights
-    name="vggish PCA parameters", kind="", build=None, preprocess=None, to_input=None, dim=128,
-    url=TORCHVGGISH_URL + "vggish_pca_params-970ea276.pth", sha256="970ea276")
-BACKBONES["vggish"] = Backbone(  # the paper's audio features: raw embeddings
-    name="vggish", kind="audio", build=build_vggish, preprocess=None, to_input=lambda x: x, dim=128,
-    url=TORCHVGGISH_URL + "vggish-10086976.pth", sha256="10086976", preprocessing=VGGISH_TEXT + "; raw embeddings")
-BACKBONES["vggish-pca"] = Backbone(  # AudioSet's released embedding format (optional)
-    name="vggish-pca", kind="audio", build=lambda sd: build_vggish(sd, load_vggish_pca(fetch_weights(VGGISH_PCA))),
-    preprocess=None, to_input=lambda x: x, dim=128, url=TORCHVGGISH_URL + "vggish-10086976.pth", sha256="10086976",
-    preprocessing=VGGISH_TEXT + "; then the release's PCA + whitening and 8-bit quantisation")
+        file="resnext-101-kinetics.pth", clip_len=KINETICS_CLIP_LEN, input_size=KINETICS_SIZE,
+        preprocessing=f"3D-ResNets: {KINETICS_CLIP_LEN} consecutive frames centred on each segment "
+                      "centre (shifted inside the video, looped if it is shorter), shorter side "
+                      f"112 (PIL bilinear), centre crop 112, RGB in [0, 255] minus mean "
+                      f"{KINETICS_MEAN}, std 1",
+        preprocess=partial(preprocess, resize=KINETICS_SIZE, size=KINETICS_SIZE,
+                           resample=Image.BILINEAR),
+        to_input=partial(normalize, mean=KINETICS_MEAN, scale=1.0)),
+    vggish_backbone("vggish", build_vggish, "raw embeddings"),  # the paper's
+    vggish_backbone("vggish-pca", build_vggish_pca,  # AudioSet's released format
+                    "then the release's PCA + whitening and 8-bit quantisation"),
+]}
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. Weights: download, verify, cache, load
+# 5. Weights: download, verify, cache, load; the SHA-256 rule
 
 
 def cache_dir() -> Path:
@@ -975,53 +678,48 @@ def sha256_file(path) -> str:
     return h.hexdigest()
 
 
-def fetch_weights(spec: Backbone) -> Path:
-    """The verified cached checkpoint for `spec`, downloaded from its public URL if needed."""
-    target = cache_dir() / (spec.file or spec.url.rsplit("/", 1)[-1])
-    if not spec.sha256:  # no direct download and no published hash: a file put there by hand
+def fetch(url: str, sha256: str, file: str = "") -> Path:
+    """The cached copy of a public file, downloaded if needed; its SHA-256 must start with `sha256`.
+
+    Without a sha256 (no direct download, no published hash) the file must have been put in the
+    cache by hand, as `file`. A failed or tampered download leaves nothing in the cache.
+    """
+    target = cache_dir() / (file or url.rsplit("/", 1)[-1])
+    by_hand = f"pass it with --weights PATH (or put it in {cache_dir()}, set by $DAP_CACHE)"
+    if not sha256:
         if target.is_file():
             return target
-        raise RuntimeError(f"the {spec.name} weights have no direct download: get {target.name} from {spec.url} "
-                           f"by hand and pass it with --weights PATH (or put it in {cache_dir()}, set by $DAP_CACHE)")
-    if target.is_file() and sha256_file(target).startswith(spec.sha256):
+        raise RuntimeError(f"no direct download of {target.name}: get it from {url} by hand and "
+                           f"{by_hand}")
+    if target.is_file() and sha256_file(target).startswith(sha256):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
 
     def download(tmp):
-        print(f"downloading {spec.url} -> {target}", file=sys.stderr)
+        print(f"downloading {url} -> {target}", file=sys.stderr)
         try:
-            with urllib.request.urlopen(spec.url, timeout=60) as src, open(tmp, "wb") as dst:
+            with urllib.request.urlopen(url, timeout=60) as src, open(tmp, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
         except OSError as e:  # urllib.error.URLError included
-            raise RuntimeError(f"cannot download the {spec.name} weights from {spec.url} ({e}). Download that "
-                               f"file on a machine with internet access and pass it with --weights PATH "
-                               f"(or put it in {cache_dir()}, set by $DAP_CACHE).") from None
+            raise RuntimeError(f"cannot download {url} ({e}). Download that file on a machine with "
+                               f"internet access and {by_hand}.") from None
         digest = sha256_file(tmp)
-        if not digest.startswith(spec.sha256):
-            raise RuntimeError(f"{spec.url}: SHA-256 {digest} does not match the expected {spec.sha256}; "
+        if not digest.startswith(sha256):
+            raise RuntimeError(f"{url}: SHA-256 {digest} does not match the expected {sha256}; "
                                f"file discarded")
 
-    atomic_write(target, download)  # a failed or tampered download leaves nothing in the cache
+    atomic_write(target, download)
     return target
 
 
-def is_torchscript(path) -> bool:
-    """True for a TorchScript archive (a zip with a constants.pkl), like OpenAI's released .pt files."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            return any(name.endswith("constants.pkl") for name in z.namelist())
-    except zipfile.BadZipFile:
-        return False
-
-
 def load_state_dict(path) -> dict:
-    """Tensors of a checkpoint: a TorchScript archive (OpenAI's .pt) or a plain state_dict (weights_only)."""
+    """Tensors of a checkpoint: TorchScript (OpenAI's .pt files) or a state_dict (weights_only)."""
     try:
-        if is_torchscript(path):
+        try:
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)  # jit.load is how OpenAI's files load
+                warnings.simplefilter("ignore", DeprecationWarning)  # how OpenAI's files load
                 state_dict = torch.jit.load(str(path), map_location="cpu").state_dict()
-        else:
+        except RuntimeError:  # not TorchScript
             state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
         raise ValueError(f"{path}: neither a TorchScript archive nor a state_dict file "
@@ -1034,10 +732,10 @@ def load_state_dict(path) -> dict:
 
 
 def weights_path(spec: Backbone, weights=None) -> Path:
-    """The checkpoint to load: --weights PATH if given (must exist), else the verified cached download."""
+    """The checkpoint to load: --weights PATH if given (must exist), else the cached download."""
     if weights is not None and not Path(weights).is_file():
         raise FileNotFoundError(f"--weights {weights}: no such file")
-    return Path(weights) if weights is not None else fetch_weights(spec)
+    return Path(weights) if weights is not None else fetch(spec.url, spec.sha256, spec.file)
 
 
 def load_backbone(name: str, weights=None, device="cpu"):
@@ -1048,32 +746,51 @@ def load_backbone(name: str, weights=None, device="cpu"):
     path = weights_path(spec, weights)
     model = spec.build(load_state_dict(path)).to(device).eval().requires_grad_(False)
     if getattr(model, "input_resolution", spec.input_size) != spec.input_size:
-        raise ValueError(f"{path}: the model takes {model.input_resolution}-px images, but {name} is "
-                         f"preprocessed to {spec.input_size} px; pick the --backbone these weights belong to")
+        raise ValueError(f"{path} takes {model.input_resolution}-px images, but {name} is "
+                         f"preprocessed to {spec.input_size} px; pick their --backbone")
     if model.output_dim != spec.dim:
-        print(f"warning: {path} gives {model.output_dim}-d features; {name} gives {spec.dim}-d ones",
+        print(f"warning: {path} gives {model.output_dim}-d features; {name}, {spec.dim}-d ones",
               file=sys.stderr)
     return model, spec, sha256_file(path)
 
 
 def load_clip_text(name: str, weights=None, device="cpu"):
-    """(CLIP text tower on device in eval mode, weights SHA-256) from the checkpoint of CLIP backbone `name`."""
-    if name not in BACKBONES or BACKBONES[name].build is not build_clip_visual:
-        clip_names = [k for k, b in BACKBONES.items() if b.build is build_clip_visual]
-        raise ValueError(f"{name!r} is not a CLIP backbone (no text tower); choose from {', '.join(clip_names)}")
+    """(OpenAI's CLIP model on device in eval mode, weights SHA-256) from the checkpoint of CLIP
+    backbone `name`, for its text tower: encode_captions(model, captions)."""
+    clip_names = [k for k, b in BACKBONES.items() if b.build is build_clip_visual]
+    if name not in clip_names:
+        raise ValueError(f"{name!r} is not a CLIP backbone (no text tower); choose from "
+                         f"{', '.join(clip_names)}")
     path = weights_path(BACKBONES[name], weights)
-    model = build_clip_text(load_state_dict(path)).to(device).eval().requires_grad_(False)
+    model = build_clip(load_state_dict(path)).to(device).eval().requires_grad_(False)
     return model, sha256_file(path)
 
 
-@torch.inference_mode()
-def encode_captions(text_model: nn.Module, captions, prefix: str = "", batch_size: int = 256) -> torch.Tensor:
-    """Captions -> (B, D) float32 CLIP text embeddings (not normalised), each as `prefix + " " + caption`."""
-    prefix = prefix.rstrip() + " " if prefix else ""
-    device = text_model.text_projection.device
-    out = [text_model(tokenize([prefix + c for c in captions[s:s + batch_size]], text_model.context_length)
-                      .to(device)).float().cpu() for s in range(0, len(captions), batch_size)]
-    return torch.cat(out) if out else torch.zeros(0, text_model.output_dim)
+def load_matching(meta: dict, weights=None, device="cpu", text=False):
+    """The backbone that wrote some features, from the weights that wrote them: (model, spec).
+
+    meta: the features' meta.json (read_meta): "backbone" names the extractor, "weights_sha256" the
+    SHA-256 of the checkpoint it ran. weights: the checkpoint to load (a path), or None for the
+    cached download (downloaded if missing). text=False: the extractor, as load_backbone returns it
+    (on `device`, eval mode); text=True: OpenAI's CLIP model of that CLIP checkpoint, as
+    load_clip_text returns it, for its text tower (encode_captions). spec: BACKBONES[backbone].
+    Raises ValueError when the checkpoint's SHA-256 is not meta["weights_sha256"]: features of other
+    weights do not match. Loading raises as load_backbone and load_clip_text do: ValueError (unknown
+    backbone; with text=True, not a CLIP one; a file that is not its checkpoint), FileNotFoundError
+    (no such weights file), RuntimeError (no direct download; a download that failed or did not
+    verify), ModuleNotFoundError (openai-clip is not installed).
+    """
+    name = meta.get("backbone")
+    if text:
+        model, sha = load_clip_text(name, weights, device)
+    else:
+        model, _, sha = load_backbone(name, weights, device)
+    if sha != meta.get("weights_sha256"):
+        raise ValueError(f"weights {weights or '(cached download)'} have SHA-256 {sha}, but the "
+                         f"features were extracted with {name} weights of SHA-256 "
+                         f"{meta.get('weights_sha256')}; pass the checkpoint that wrote them with "
+                         f"--weights")
+    return model, BACKBONES[name]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1081,29 +798,29 @@ def encode_captions(text_model: nn.Module, captions, prefix: str = "", batch_siz
 
 
 def find_videos(inputs, list_file=None) -> list:
-    """Video paths from files, directories (recursive, by extension) and a list file, sorted, deduplicated."""
+    """Video paths from files, folders (recursive, by extension) and a list file, sorted, unique."""
+    listed = Path(list_file).read_text().splitlines() if list_file else []
     paths = []
-    for item in list(inputs) + ([line.strip() for line in Path(list_file).read_text().splitlines()
-                                 if line.strip()] if list_file else []):
+    for item in [*inputs, *filter(None, map(str.strip, listed))]:
         p = Path(item)
         if p.is_dir():
-            paths += [q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in VIDEO_EXTENSIONS]
+            paths += [q for q in p.rglob("*")
+                      if q.suffix.lower() in VIDEO_EXTENSIONS and q.is_file()]
         else:
-            paths.append(p)  # named explicitly: taken whatever its extension (a missing one fails later)
-    paths = sorted({p.resolve(): p for p in paths}.values(), key=lambda p: (p.stem, str(p)))
-    stems = {}
-    for p in paths:
-        if p.stem in stems:
-            raise ValueError(f"two videos share the video_id {p.stem!r}: {stems[p.stem]} and {p}")
-        stems[p.stem] = p
+            paths.append(p)  # named explicitly: taken whatever its extension (a missing one fails)
+    paths = sorted({os.path.realpath(p): p for p in paths}.values(), key=lambda p: (p.stem, str(p)))
+    for a, b in zip(paths, paths[1:]):  # sorted by video_id: a shared one is in neighbours
+        if a.stem == b.stem:
+            raise ValueError(f"two videos share the video_id {a.stem!r}: {a} and {b}")
     return paths
 
 
 def decode_video(path, n: int, spec: Backbone, threads: int = 0):
-    """The N samples of one video for backbone `spec`, or Silent(N); raises on a bad file. Samples are
-    frames (N, H, W, 3) or clips (N, clip_len, H, W, 3), uint8, or log-mel examples (N, 1, 96, 64) float32."""
+    """The N samples of one video for backbone `spec`, or Silent(N); raises on a bad file. Samples
+    are frames (N, H, W, 3) or clips (N, clip_len, H, W, 3), uint8, or log-mel examples
+    (N, 1, 96, 64) float32."""
     if not Path(path).is_file():
-        raise VideoError("no such file")
+        raise VideoError("a broken or looping symlink" if os.path.islink(path) else "no such file")
     if Path(path).stat().st_size == 0:
         raise VideoError("empty file (0 bytes)")
     if spec.kind == "audio":
@@ -1112,15 +829,23 @@ def decode_video(path, n: int, spec: Backbone, threads: int = 0):
 
 
 def failure_reason(e: Exception) -> str:
-    """One line saying why a video failed: FFmpeg's reason for an unreadable file, else the exception."""
+    """One line saying why a video failed: FFmpeg's reason for an unreadable file, or the error."""
     if isinstance(e, av.error.FFmpegError):
         return f"not a readable video: {e.strerror or e} (FFmpeg {type(e).__name__})"
     return f"{type(e).__name__}: {str(e).strip()}"
 
 
+def decode_job(path, n, backbone, threads):
+    """(samples, None) or (None, why it failed): never raises, so that a bad video fails alone."""
+    try:
+        return decode_video(path, n, BACKBONES[backbone], threads), None
+    except Exception as e:  # noqa: BLE001 - every failure is reported per video
+        return None, failure_reason(e)
+
+
 def exit_with_parent(parent_pid: int):
-    """Decode-worker initializer: a daemon thread ends this process once its parent is gone (e.g. killed with
-    kill -9), instead of leaving it waiting for work forever, re-parented to PID 1."""
+    """Decode-worker initializer: a daemon thread ends this process once its parent is gone (e.g.
+    killed with kill -9), instead of leaving it waiting for work forever, re-parented to PID 1."""
     def watch():
         while os.getppid() == parent_pid:
             time.sleep(0.2)
@@ -1129,25 +854,55 @@ def exit_with_parent(parent_pid: int):
     threading.Thread(target=watch, daemon=True).start()
 
 
-def decode_job(path, n, backbone, threads):
-    """Worker: (video_id, frames or None, error or None); never raises, so one bad video fails alone."""
+def decoded_videos(paths, n, backbone, workers):
+    """Yield (path, samples, None) or (path, None, why it failed) for each path, in order.
+
+    Decoding runs in this process (workers=0) or in `workers` processes, at most 2 * workers videos
+    ahead, so that memory stays bounded; they end with this process, or when the generator closes.
+    """
+    threads = max(1, (os.cpu_count() or 1) // max(workers, 1))  # decoder threads per video
+    if workers == 0:
+        yield from ((p, *decode_job(str(p), n, backbone, threads)) for p in paths)
+        return
+    pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"),  # safe beside CUDA
+                               initializer=exit_with_parent, initargs=(os.getpid(),))
     try:
-        return Path(path).stem, decode_video(path, n, BACKBONES[backbone], threads), None
-    except Exception as e:  # noqa: BLE001 - every failure is reported per video
-        return Path(path).stem, None, failure_reason(e)
+        jobs = ((p, pool.submit(decode_job, str(p), n, backbone, threads)) for p in paths)  # lazy
+        ahead = deque(islice(jobs, 2 * workers))
+        while ahead:
+            path, job = ahead.popleft()
+            ahead.extend(islice(jobs, 1))  # one submitted for each one taken
+            yield (path, *job.result())
+    finally:
+        pool.shutdown(cancel_futures=True)  # an early exit decodes no more videos
+
+
+def batches(videos, batch_size):
+    """Group decoded videos into lists of at least batch_size samples for the backbone (the last
+    list may hold fewer); failed and silent videos ride along in the list they arrive in."""
+    batch, size = [], 0
+    for path, samples, error in videos:
+        batch.append((path, samples, error))
+        size += len(samples) if samples is not None and not isinstance(samples, Silent) else 0
+        if size >= batch_size:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
 
 
 def atomic_write(path, write: Callable):
-    """Write `path` through write(tmp_path) into a temporary file beside it, then rename: readers never see half a
-    file. The file gets a plain open()'s permissions (0666 minus the umask); a failed write leaves no temporary
-    file behind, and an OSError names `path`."""
+    """Write `path` through write(tmp_path) into a temporary file beside it, then rename: readers
+    never see half a file. The file gets a plain open()'s permissions (0666 minus the umask); a
+    failed write leaves no temporary file behind, and an OSError names `path`."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
+    except BaseException as e:  # an error, Ctrl-C, SIGTERM (extract.py and train.py make it one)
+        with suppress(OSError):  # a read-only folder: the error to report is write's, not unlink's
+            tmp.unlink(missing_ok=True)
         if isinstance(e, OSError):  # e.g. a full disk: say which file could not be written
             raise OSError(e.errno, e.strerror or str(e), str(path)) from e
         raise
@@ -1167,86 +922,93 @@ def save_features(path: Path, feats: np.ndarray):
     atomic_write(path, write)
 
 
-def read_meta(out: Path) -> dict:
-    """DIR/meta.json as a dict, or an error naming that file."""
-    path = out / "meta.json"
+def read_meta(path) -> dict:
+    """The JSON object in a file, or in a folder's meta.json (the one extract.py writes).
+
+    Raises FileNotFoundError naming a missing file, and ValueError, one line naming the file, for a
+    file that is not valid JSON or whose JSON value is not an object.
+    """
+    path = Path(path) / "meta.json" if Path(path).is_dir() else Path(path)
     try:
-        return dict(json.loads(path.read_text()))
-    except (ValueError, TypeError) as e:  # not JSON, or not a JSON object
-        raise ValueError(f"{path} is not the meta.json extract.py writes ({e}): delete it, or use another --out"
-                         ) from None
+        meta = json.loads(path.read_text())
+    except ValueError as e:  # json.JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path} is not valid JSON ({e}): rewrite it, or delete it") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} holds a JSON {type(meta).__name__}, not an object: rewrite it, "
+                         f"or delete it")
+    return meta
+
+
+@contextmanager
+def meta_lock(out: Path):
+    """Runs sharing the folder `out` (shards) read, check and write its meta.json one at a time: an
+    exclusive flock on the folder itself, released when it closes (POSIX; elsewhere no lock)."""
+    with ExitStack() as held:
+        if os.name == "posix":
+            held.callback(os.close, fd := os.open(out, os.O_RDONLY))
+            importlib.import_module("fcntl").flock(fd, 2)  # LOCK_EX: waits for the other run
+        yield
 
 
 def write_meta(out: Path, meta: dict):
-    """Write meta.json, or check that an existing one (a run being resumed) agrees with this run."""
-    if not (out / "meta.json").is_file():
-        write_text(out / "meta.json", json.dumps(meta, indent=1) + "\n")
-        return
-    old = read_meta(out)
+    """Write meta.json, or check that an existing one (a run resumed, or a run beside this one on
+    the same --out) agrees with this run: both under meta_lock, so that only one run writes it."""
+    with meta_lock(out):
+        if not (out / "meta.json").is_file():
+            write_text(out / "meta.json", json.dumps(meta, indent=1) + "\n")
+            return
+        old = read_meta(out)
     keys = ("backbone", "weights_sha256", "frames", "dtype", "frame_sampling", "preprocessing")
     diff = {k: (old.get(k), meta[k]) for k in keys if old.get(k) != meta[k]}
     if diff:
-        raise ValueError(f"{out / 'meta.json'} was written by a different run ({diff}, old vs new); "
-                         f"use another --out or delete that folder")
+        raise ValueError(f"{out / 'meta.json'} was written by a different run ({diff}, old vs "
+                         f"new); use another --out or delete that folder")
 
 
 def append_line(path: Path, line: str):
-    """Append one line with a single write: safe when several shards share the folder."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-    try:
-        os.write(fd, f"{line}\n".encode())
-    finally:
-        os.close(fd)
+    """Append one line with a single write (O_APPEND): safe when several shards share the folder."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(f"{line}\n")
 
 
-def record_failure(out: Path, video_id: str, path, reason: str):
-    """One line on stderr and one appended to DIR/failed.txt: video_id<TAB>path<TAB>reason."""
-    print(f"FAILED {video_id} ({path}): {reason}", file=sys.stderr)
-    append_line(out / "failed.txt", f"{video_id}\t{path}\t{' '.join(reason.split())}")
+def record_failure(out: Path, path: Path, reason: str):
+    """One line on stderr and one appended to DIR/failed.txt: video_id<TAB>path<TAB>reason, with
+    a backslash, tab or newline in a name escaped (ESCAPE)."""
+    vid, where, reason = path.stem.translate(ESCAPE), str(path).translate(ESCAPE), reason.split()
+    print(f"FAILED {vid} ({where}): {' '.join(reason)}", file=sys.stderr)
+    append_line(out / "failed.txt", f"{vid}\t{where}\t{' '.join(reason)}")
 
 
 def list_silent(out: Path):
-    """meta.json's "silent": the sorted video_ids of silent.txt that have features; shards update it in turn."""
+    """meta.json's "silent": silent.txt's video_ids with features, sorted; shards take turns."""
     if not (out / "silent.txt").is_file() or not (out / "meta.json").is_file():
         return
-    try:
-        import fcntl  # POSIX: one shard at a time reads, merges and rewrites meta.json
-    except ImportError:
-        fcntl = None
-    with open(out / ".meta.lock", "w") as lock:
-        if fcntl is not None:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        lines = (out / "silent.txt").read_text().splitlines()  # one video_id a line: names may hold spaces
-        silent = sorted({v for v in lines if v and (out / f"{v}.npy").exists()})
-        meta = read_meta(out)
+    with meta_lock(out):
+        done = {p.stem.translate(ESCAPE): p.stem for p in out.glob("*.npy")}  # as silent.txt has
+        listed = (out / "silent.txt").read_text().splitlines()
+        silent, meta = sorted({done[v] for v in listed if v in done}), read_meta(out)
         if meta.get("silent") != silent:
             write_text(out / "meta.json", json.dumps({**meta, "silent": silent}, indent=1) + "\n")
 
 
 def compact_failures(out: Path):
-    """Drop failed.txt lines of videos that now have features (fixed on a later run), and duplicates."""
+    """Drop failed.txt lines of videos that now have features (fixed by a later run), repeats."""
     path = out / "failed.txt"
-    if not path.is_file():
-        return
-    lines = OrderedDict()
-    for line in path.read_text().splitlines():
-        vid = line.split("\t", 1)[0]
-        if line and not (out / f"{vid}.npy").exists():
-            lines[vid] = line  # the latest reason wins
-    if lines:
-        write_text(path, "\n".join(lines.values()) + "\n")
-    else:
-        path.unlink()
+    if path.is_file():
+        done = {p.stem.translate(ESCAPE) for p in out.glob("*.npy")}  # as failed.txt holds them
+        lines = {line.split("\t", 1)[0]: line for line in path.read_text().splitlines() if line}
+        kept = [line for vid, line in lines.items() if vid not in done]  # the latest reason wins
+        if kept:
+            write_text(path, "\n".join(kept) + "\n")
+        else:
+            path.unlink()
 
 
 def parse_shard(text: str):
     """'i/n' -> (i, n) with 0 <= i < n."""
-    try:
-        i, n = (int(s) for s in text.split("/"))
-    except ValueError:
-        raise ValueError(f"--shard {text!r}: expected i/n, e.g. 0/4") from None
-    if not 0 <= i < n:
-        raise ValueError(f"--shard {text!r}: need 0 <= i < n")
+    i, n = map(int, m.groups()) if (m := re.fullmatch(r"(\d+)/(\d+)", text.strip())) else (0, 0)
+    if not i < n:
+        raise ValueError(f"--shard {text!r}: expected i/n with 0 <= i < n, e.g. 0/4")
     return i, n
 
 
@@ -1254,9 +1016,9 @@ AMP_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @torch.inference_mode()
-def encode_samples(model: nn.Module, spec: Backbone, samples: np.ndarray, device, batch_size: int = BATCH_SIZE,
-                   dtype: str = "fp32") -> np.ndarray:
-    """(B, ...) decoded samples -> (B, D) float32 features, in chunks of batch_size on the device."""
+def encode_samples(model: nn.Module, spec: Backbone, samples: np.ndarray, device,
+                   batch_size: int = BATCH_SIZE, dtype: str = "fp32") -> np.ndarray:
+    """(B, ...) decoded samples -> (B, D) float32 features, batch_size at a time on the device."""
     device, amp = torch.device(device), AMP_DTYPES[dtype]
     outs = []
     for s in range(0, len(samples), batch_size):
@@ -1269,102 +1031,65 @@ def encode_samples(model: nn.Module, spec: Backbone, samples: np.ndarray, device
     return torch.cat(outs).cpu().numpy()
 
 
-def extract(videos, out, backbone="ViT-B/32", weights=None, frames=FRAMES, device=None, batch_size=BATCH_SIZE,
-            workers=None, dtype="fp32", shard=(0, 1), progress=True) -> dict:
-    """Features for every video (missing ones only) -> out/<video_id>.npy; returns a summary dict.
+def extract(videos, out, backbone="ViT-B/32", weights=None, frames=FRAMES, device=None,
+            batch_size=BATCH_SIZE, workers=None, dtype="fp32", shard=(0, 1), progress=True) -> dict:
+    """Features for every video (missing ones only) -> out/<video_id>.npy. Returns a summary: done,
+    skipped, failed [(video_id, path, reason)], frames (samples encoded), silent [video_id].
 
-    videos: list of paths (see find_videos). Decoding runs in `workers` processes (0: in this one), which end
-    when this process does; frames of several videos are batched together for the backbone on `device`
-    (default: cuda if present). An output that cannot be written raises OSError naming the file.
+    videos: paths (see find_videos). Decoding runs in `workers` processes (0: in this one); the
+    samples of several videos are batched for the backbone on `device` (default: cuda if present).
+    An output that cannot be written raises OSError naming the file.
     """
     if dtype not in AMP_DTYPES:
         raise ValueError(f"--dtype {dtype!r}: choose from {', '.join(AMP_DTYPES)}")
-    if frames < 1:
-        raise ValueError(f"--frames must be >= 1, got {frames}")
+    if not (1 <= frames <= MAX_FRAMES and batch_size >= 1 and (workers or 0) >= 0):  # first
+        raise ValueError(f"need 1 <= --frames <= {MAX_FRAMES}, --batch_size >= 1, --workers >= 0; "
+                         f"got {frames}, {batch_size}, {workers}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if workers is None:
-        workers = min(os.cpu_count() or 1, 16)
+    workers = min(os.cpu_count() or 1, 16) if workers is None else workers
     out = Path(out)
-    i, n = shard
-    videos = [Path(v) for v in videos][i::n]
+    videos = [Path(v) for v in videos][shard[0]::shard[1]]
     todo = [v for v in videos if not (out / f"{v.stem}.npy").exists()]
-
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cudnn.allow_tf32 = dtype != "fp32"  # fp32 means fp32: no TF32 convs either
         torch.backends.cuda.matmul.allow_tf32 = dtype != "fp32"
     model, spec, weights_sha = load_backbone(backbone, weights, device)
-    out.mkdir(parents=True, exist_ok=True)  # only now: a run that cannot start leaves no empty folder
+    out.mkdir(parents=True, exist_ok=True)  # only now: a run that cannot start leaves no folder
     write_meta(out, {
-        "backbone": backbone, "kind": spec.kind, "feature_dim": model.output_dim, "frames": frames, "dtype": dtype,
-        "weights": Path(weights).name if weights else spec.url, "weights_sha256": weights_sha,
-        "frame_sampling": "F decodable frames, bounds b_i = int(i * F / N), b_N = F; frame i = (b_i + b_i+1) // 2 "
-                          "(the authors' get_uniform_ids_from_k_snippets)",
-        "preprocessing": spec.preprocessing, "format": "<video_id>.npy: float32 (N, feature_dim)",
-    })
-    encode = partial(encode_samples, model, spec, device=device, batch_size=batch_size, dtype=dtype)
+        "backbone": backbone, "kind": spec.kind, "feature_dim": model.output_dim, "frames": frames,
+        "dtype": dtype, "weights": Path(weights).name if weights else spec.url,
+        "weights_sha256": weights_sha, "frame_sampling": FRAME_RULE,
+        "preprocessing": spec.preprocessing, "format": "<video_id>.npy: float32 (N, feature_dim)"})
 
-    summary = {"done": 0, "skipped": len(videos) - len(todo), "failed": [], "frames": 0, "silent": []}
-    bar = tqdm(total=len(todo), unit="video", file=sys.stderr, dynamic_ncols=True, disable=not progress)
-    t0 = time.time()
-    pending = []  # (video_id, (N, ...) array) waiting for a full batch
-
-    def done(videos, frames):
-        summary["frames"] += frames
-        bar.update(videos)
-        bar.set_postfix(frames_per_s=f"{summary['frames'] / max(time.time() - t0, 1e-9):.0f}")
-
-    def flush():
-        """Encode all pending videos as one batch stream and write their features."""
-        if not pending:
-            return
-        feats = encode(np.concatenate([f for _, f in pending]))  # (sum N, D)
-        for (vid, f), y in zip(pending, np.split(feats, np.cumsum([len(f) for _, f in pending])[:-1])):
-            save_features(out / f"{vid}.npy", y)
-            summary["done"] += 1
-        done(len(pending), len(feats))
-        pending.clear()
-
-    def consume(result, path):
-        vid, arr, error = result
-        if error is not None:
-            summary["failed"].append((vid, str(path), error))
-            record_failure(out, vid, path, error)
-            done(1, 0)
-        elif isinstance(arr, Silent):  # no soundtrack: zeros (Sec. 4 of the paper), no backbone
-            save_features(out / f"{vid}.npy", np.zeros((len(arr), model.output_dim), np.float32))
-            append_line(out / "silent.txt", vid)
-            summary["silent"].append(vid)
-            summary["done"] += 1
-            done(1, 0)
-        else:
-            pending.append((vid, arr))
-            if sum(len(a) for _, a in pending) >= batch_size:
-                flush()
-
-    threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
+    summary = dict(done=0, skipped=len(videos) - len(todo), failed=[], frames=0, silent=[])
+    start = time.time()
     try:
-        if workers == 0:
-            for path in todo:
-                consume(decode_job(str(path), frames, backbone, threads), path)
-        else:
-            ctx = multiprocessing.get_context("spawn")  # safe next to CUDA and torch's threads
-            with ProcessPoolExecutor(workers, ctx, initializer=exit_with_parent, initargs=(os.getpid(),)) as pool:
-                queue, in_flight = iter(todo), {}
-                while True:
-                    while len(in_flight) < 2 * workers:  # bounded read-ahead: memory stays bounded
-                        path = next(queue, None)
-                        if path is None:
-                            break
-                        in_flight[pool.submit(decode_job, str(path), frames, backbone, threads)] = path
-                    if not in_flight:
-                        break
-                    finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
-                    for fut in finished:
-                        consume(fut.result(), in_flight.pop(fut))
-        flush()
+        with (closing(decoded_videos(todo, frames, backbone, workers)) as decoded,
+              tqdm(total=len(todo), unit="video", file=sys.stderr, dynamic_ncols=True,
+                   disable=not progress) as bar):
+            for batch in batches(decoded, batch_size):
+                encodable = [s for _, s, err in batch if err is None and not isinstance(s, Silent)]
+                feats = (encode_samples(model, spec, np.concatenate(encodable), device, batch_size,
+                                        dtype) if encodable else np.zeros((0, model.output_dim)))
+                rows = iter(np.split(feats, np.cumsum([len(s) for s in encodable])[:-1]))  # (N, D)s
+                for path, samples, error in batch:
+                    if error is not None:
+                        record_failure(out, path, error)
+                        summary["failed"].append((path.stem, str(path), error))
+                    elif isinstance(samples, Silent):  # no soundtrack: zeros (the paper's padding)
+                        zeros = np.zeros((len(samples), model.output_dim), np.float32)
+                        save_features(out / f"{path.stem}.npy", zeros)
+                        append_line(out / "silent.txt", path.stem.translate(ESCAPE))
+                        summary["silent"].append(path.stem)
+                    else:
+                        save_features(out / f"{path.stem}.npy", next(rows))
+                    summary["done"] += error is None
+                summary["frames"] += len(feats)
+                bar.update(len(batch))
+                speed = summary["frames"] / max(time.time() - start, 1e-9)
+                bar.set_postfix(frames_per_s=f"{speed:.0f}")
     finally:
-        bar.close()
         compact_failures(out)
         list_silent(out)
     return summary
@@ -1376,41 +1101,50 @@ def extract(videos, out, backbone="ViT-B/32", weights=None, frames=FRAMES, devic
 
 def main(argv=None) -> int:
     """The CLI; returns the exit status: 0, 1 if some videos failed, 2 for a usage or I/O error."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    epilog = "Preprocessing (also in each run's meta.json):\n" + "\n".join(
+        textwrap.fill(f"{b.name}: {b.preprocessing}", 100, subsequent_indent="    ")
+        for b in BACKBONES.values())
+    p = argparse.ArgumentParser(description=__doc__, epilog=epilog,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("videos", nargs="*", help="video files and/or folders (searched recursively)")
     p.add_argument("--list", help="a text file with one video path per line")
     p.add_argument("--out", required=True, help="output folder, e.g. feats/image")
     p.add_argument("--backbone", default="ViT-B/32", choices=list(BACKBONES))
-    p.add_argument("--weights", help="checkpoint file (else downloaded from the public URL and cached)")
-    p.add_argument("--frames", type=int, default=FRAMES,
-                   help=f"N segments per video (default {FRAMES}, the authors'; train.py takes 28 of them)")
+    p.add_argument("--weights", help="checkpoint file (else the public one, downloaded and cached)")
+    p.add_argument("--frames", type=int, default=FRAMES, help=f"N segments per video (default "
+                   f"{FRAMES}, the authors'; at most {MAX_FRAMES}: a video's are held in memory)")
     p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     p.add_argument("--batch_size", type=int, default=BATCH_SIZE,
-                   help="samples per backbone batch: frames, 16-frame clips (lower it for resnext101-kinetics "
-                        "on a small GPU) or 0.96 s audio examples")
-    p.add_argument("--workers", type=int, help="decoding processes (default: CPU count, at most 16; 0 = none)")
-    p.add_argument("--dtype", default="fp32", choices=list(AMP_DTYPES),
-                   help="fp32 (default, as the paper) or fp16/bf16 autocast: faster on GPU, features differ")
-    p.add_argument("--shard", default="0/1", help="i/n: process every n-th video starting at the i-th")
+                   help="samples per backbone batch: frames, 16-frame clips (lower it for "
+                        "resnext101-kinetics on a small GPU) or 0.96 s audio examples")
+    p.add_argument("--workers", type=int,
+                   help="decoding processes (default: CPU count, at most 16; 0 = none)")
+    p.add_argument("--dtype", default="fp32", choices=list(AMP_DTYPES), help="fp32 (default, as "
+                   "the paper) or fp16/bf16 autocast: faster on GPU, features differ")
+    p.add_argument("--shard", default="0/1", help="i/n: process every n-th video from the i-th")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     try:
         videos = find_videos(args.videos, args.list)
         if not videos:
             p.error("no videos given (pass files, folders or --list FILE)")
-        summary = extract(videos, args.out, args.backbone, args.weights, args.frames, args.device, args.batch_size,
-                          args.workers, args.dtype, parse_shard(args.shard), not args.no_progress)
-    except (ValueError, RuntimeError, OSError) as e:  # usage and I/O errors: one line, no traceback
-        io_error = isinstance(e, OSError) and e.errno is not None  # named after its file, else the output folder
-        print(f"error: {e.filename or args.out}: {e.strerror}" if io_error else f"error: {e}", file=sys.stderr)
+        summary = extract(videos, args.out, args.backbone, args.weights, args.frames, args.device,
+                          args.batch_size, args.workers, args.dtype, parse_shard(args.shard),
+                          not args.no_progress)
+    except (ValueError, RuntimeError, OSError, ImportError) as e:  # usage and I/O errors: one line
+        io_error = isinstance(e, OSError) and e.errno is not None  # names its file, else --out
+        print(f"error: {e.filename or args.out}: {e.strerror}" if io_error else f"error: {e}",
+              file=sys.stderr)
         return 2
     if summary["silent"]:
-        print(f"{len(summary['silent'])} without a soundtrack: zero features (listed in meta.json)", file=sys.stderr)
-    print(f"{summary['done']} written, {summary['skipped']} already there, {len(summary['failed'])} failed "
-          f"(see {Path(args.out) / 'failed.txt'})" if summary["failed"] else
-          f"{summary['done']} written, {summary['skipped']} already there", file=sys.stderr)
+        print(f"{len(summary['silent'])} without a soundtrack: zero features (listed in meta.json)",
+              file=sys.stderr)
+    failed = f", {len(summary['failed'])} failed (see {Path(args.out) / 'failed.txt'})"
+    print(f"{summary['done']} written, {summary['skipped']} already there"
+          f"{failed if summary['failed'] else ''}", file=sys.stderr)
     return 1 if summary["failed"] else 0
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # cleaned up: no temporary file left
     sys.exit(main())

@@ -58,9 +58,9 @@ def generated_video(folder: Path) -> Path:
 
 
 def random_vit_b32(path: Path) -> Path:
-    """A ViT-B/32 CLIP visual encoder with random weights, saved as a state_dict in OpenAI's key layout."""
-    model = extract.VisionTransformer(224, 32, 768, 12, 12, 512)
-    torch.save({"visual." + k: v for k, v in model.state_dict().items()}, path)
+    """A ViT-B/32 CLIP with random weights (OpenAI's model.py), saved as a state_dict in their key layout."""
+    model = extract.package_module("clip", "model").CLIP(512, 224, 12, 768, 32, 77, 49408, 512, 8, 12)
+    torch.save(model.state_dict(), path)
     return path
 
 
@@ -103,9 +103,9 @@ def main():
             results = list(pool.map(extract.decode_job, [str(v) for v in videos], [args.frames] * len(videos),
                                     ["ViT-B/32"] * len(videos), [threads] * len(videos)))
             dt = time.time() - t0
-        ok = [r for r in results if r[2] is None]
+        ok = [r for r in results if r[1] is None]  # (samples, None) or (None, why it failed)
         print(f"decode only : {len(ok) * args.frames / dt:8.1f} frames/s  {len(ok) / dt:6.2f} videos/s  "
-              f"({len(ok)} videos in {dt:.1f} s; failures: {[r[2] for r in results if r[2]]})")
+              f"({len(ok)} videos in {dt:.1f} s; failures: {[r[1] for r in results if r[1]]})")
 
         if args.skip_e2e:
             return

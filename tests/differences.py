@@ -40,8 +40,8 @@ def main():
     args = train.get_args(["--seed", str(parser.parse_args().seed), "--threads", "1", "--no_progress"])
     torch.set_num_threads(1)
     _, data, vocab, attributes = train.load_data(args, log=lambda *a: None)
-    model, _ = train.train_model("dap", data, vocab, attributes, log=lambda *a: None, progress=False,
-                                 **train.dataclasses.asdict(args.recipe))
+    model, _ = train.train_model("dap", data, vocab, attributes, args.recipe, log=lambda *a: None,
+                                 progress=False)
     test = data["test"]
     train_captions = [c for refs in data["train"].refs for c in refs]
     refs = dict(enumerate(test.refs))

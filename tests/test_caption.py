@@ -27,10 +27,10 @@ def make_video(path, n_frames):
 
 
 def tiny_clip_checkpoint(path, seed):
-    """A random 1-layer ViT (32-d output, 224 px) saved in OpenAI's key layout (visual.*)."""
+    """A random CLIP (1-layer ViT, 32-d embedding, 224 px) saved as a state_dict in OpenAI's key layout."""
     torch.manual_seed(seed)
-    visual = extract.VisionTransformer(224, 32, 64, 1, 1, 32)
-    torch.save({"visual." + k: v for k, v in visual.state_dict().items()}, path)
+    clip = extract.package_module("clip", "model").CLIP(32, 224, 1, 64, 32, 77, 100, 64, 1, 1)
+    torch.save(clip.state_dict(), path)
     return path
 
 
@@ -149,8 +149,9 @@ def test_missing_backbone_weights_name_the_modality(run, tmp_path, monkeypatch):
 
 def test_other_backbone_weights_are_refused(run, tmp_path):
     other = tiny_clip_checkpoint(tmp_path / "other.pt", 1)  # same shapes, other values
-    with pytest.raises(SystemExit, match=rf"image backbone ViT-B/32: weights {other} have SHA-256 "
-                                         rf"{extract.sha256_file(other)}.*do not match the model"):
+    with pytest.raises(SystemExit, match=rf"image features from the ViT-B/32 backbone: weights {other} have "
+                                         rf"SHA-256 {extract.sha256_file(other)}, but the features were "
+                                         r"extracted with ViT-B/32 weights"):
         train.main(["--caption", str(run["videos"][0]), "--ckpt", str(run["ckpt"]),
                     "--weights", f"image={other},motion={run['weights']['motion']}"])
 
@@ -177,9 +178,11 @@ def test_model_without_vap_says_attributes_are_unavailable(run):
 
 
 def test_parse_weights():
-    assert train.parse_weights("clip.pt") == {"image": "clip.pt"}
-    assert train.parse_weights("image=a.pt, motion=b=c.pth") == {"image": "a.pt", "motion": "b=c.pth"}
-    assert train.parse_weights(None) == {}
+    assert train.parse_modalities("clip.pt", "--weights") == {"image": "clip.pt"}
+    assert train.parse_modalities("image=a.pt, motion=b=c.pth", "--weights") == {"image": "a.pt", "motion": "b=c.pth"}
+    assert train.parse_modalities(None, "--weights") == {}
+    with pytest.raises(ValueError, match="unknown modality 'imgae'"):
+        train.parse_modalities("imgae=a.pt", "--weights")
 
 
 def copy_run(run, tmp_path, edit):

@@ -51,6 +51,7 @@ def naive_noisy_or(p_raw, valid):
     return p
 
 
+@pytest.mark.spec
 def test_noisy_or_equals_product_formula():
     torch.manual_seed(0)
     p_raw = torch.rand(3, 5, 4, dtype=torch.float64) * 0.9
@@ -60,6 +61,7 @@ def test_noisy_or_equals_product_formula():
     torch.testing.assert_close(dap.noisy_or(p_raw), naive_noisy_or(p_raw, torch.ones(3, 5, dtype=torch.bool)))
 
 
+@pytest.mark.spec
 def test_masked_instances_change_nothing():
     torch.manual_seed(1)
     p_raw, labels = torch.rand(2, 6, 5), (torch.rand(2, 5) > 0.5).float()
@@ -93,6 +95,7 @@ def naive_reg(p_raw, labels):
     return [max(p_raw[b].mean().item() - labels[b].sum().item() / K, 0.0) for b in range(p_raw.size(0))]
 
 
+@pytest.mark.spec
 def test_attribute_loss_equals_hand_computation():
     torch.manual_seed(2)
     p_raw = torch.rand(4, 3, 6, dtype=torch.float64) * 0.4
@@ -103,6 +106,7 @@ def test_attribute_loss_equals_hand_computation():
     assert dap.attribute_loss(p_raw, labels).item() == pytest.approx(expected, rel=1e-9)
 
 
+@pytest.mark.spec
 def test_bce_alone_vanishes_at_initialisation_and_reg_does_not():
     """Sec. 4.1: with 84 instances at P_raw ~ 0.5, noisy-OR gives p ~ 1 for every attribute."""
     torch.manual_seed(3)
@@ -124,6 +128,7 @@ def test_bce_alone_vanishes_at_initialisation_and_reg_does_not():
 
 # --- Sec. 4.2: sparse sampling -----------------------------------------------------------------
 
+@pytest.mark.spec
 def test_sparse_sampling_keeps_ceil_L_r_different_instances_per_video():
     B, L = 64, 28
     valid = torch.ones(B, L, dtype=torch.bool)
@@ -145,6 +150,7 @@ def test_sparse_sampling_keeps_ceil_L_r_different_instances_per_video():
 
 # --- Eq. 4 and Eq. 12 ----------------------------------------------------------------------------
 
+@pytest.mark.spec
 def test_losses_match_hand_computation_and_combine_as_eq12():
     cfg = tiny_config(lambda_v=0.7, lambda_t=1.3)
     torch.manual_seed(5)
@@ -166,6 +172,7 @@ def test_losses_match_hand_computation_and_combine_as_eq12():
     assert set(base(feats, caps)) == {"loss", "cap"}
 
 
+@pytest.mark.spec
 def test_tap_reads_the_decoders_own_input_embeddings_one_dropout_draw():
     """TAP's instances are the decoder's input embeddings BOS w1..wn, the same tensor (and dropout mask)
     the decoder reads, masked where the target is PAD (misc/Crit/crit_attribute.py, "input_embs")."""
@@ -176,11 +183,13 @@ def test_tap_reads_the_decoders_own_input_embeddings_one_dropout_draw():
     seen = []
     model.embedding.register_forward_hook(lambda module, args, output: seen.append(output))
     out = model(feats, caps, labels)
-    assert len(seen) == 1 and seen[0].shape[1] == caps.shape[1] - 1   # embedded once, for both uses
-    expected = dap.attribute_loss(torch.sigmoid(model.tap_net(seen[0])), labels, caps[:, 1:] != PAD)
+    real = caps[:, 1:] != PAD                                            # the inputs BOS w1..wn
+    assert len(seen) == 1 and seen[0].shape == (real.sum(), cfg.d_model)  # embedded once, for both uses
+    expected = dap.attribute_loss(dap.unpack(torch.sigmoid(model.tap_net(seen[0])), real), labels, real)
     torch.testing.assert_close(out["tap"], expected)
 
 
+@pytest.mark.spec
 def test_initialisation_and_architecture_follow_the_authors():
     """models/Framework.py _init_weights: xavier_uniform for Linear and Embedding weights, zero biases,
     zero PAD row; LayerNorm eps 1e-12; no bias in the vocabulary head; ReLU FFN without inner dropout."""
@@ -203,6 +212,7 @@ def test_initialisation_and_architecture_follow_the_authors():
     assert [type(m) for m in ffn] == [torch.nn.Linear, torch.nn.ReLU, torch.nn.Linear]
 
 
+@pytest.mark.spec
 def test_padding_a_caption_changes_nothing():
     cfg = tiny_config()
     torch.manual_seed(6)
@@ -228,6 +238,7 @@ def test_missing_modality_is_a_clear_error():
 
 # --- generation -----------------------------------------------------------------------------------
 
+@pytest.mark.spec
 def test_cached_decoding_equals_full_recompute():
     cfg = tiny_config()
     torch.manual_seed(7)
@@ -244,6 +255,7 @@ def test_cached_decoding_equals_full_recompute():
                                atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.spec
 def test_beam_of_one_is_greedy_search():
     cfg = tiny_config(vocab_size=30, max_len=12)
     torch.manual_seed(8)
@@ -262,6 +274,7 @@ def test_beam_of_one_is_greedy_search():
     assert 1 < sum(map(len, greedy)) / 16 < cfg.max_len - 2  # some captions end early, some run long
 
 
+@pytest.mark.spec
 @pytest.mark.parametrize("eos_logit", [0.0, 6.0], ids=["max-length", "realistic-length"])
 @pytest.mark.parametrize("beam_size,alpha", [(2, 1.0), (5, 0.5), (4, 1.5)])
 def test_batched_beam_search_equals_the_authors_rule_per_video(eos_logit, beam_size, alpha):
@@ -283,8 +296,33 @@ def test_finished_videos_leave_the_decoding_batch():
     rows = []
     model.embedding.register_forward_hook(lambda module, args, output: rows.append(output.shape[0]))
     model.generate(feats, beam_size=3)
-    assert rows[0] == 12 * 3 and rows == sorted(rows, reverse=True) and rows[-1] < rows[0]
-    assert all(r % 3 == 0 for r in rows)  # whole videos leave, with all their beams
+    assert rows[0] == 12 and rows[1] == 12 * 3  # one hypothesis per video at t=0, then the beam
+    assert rows[1:] == sorted(rows[1:], reverse=True) and rows[-1] < rows[1]
+    assert all(r % 3 == 0 for r in rows[1:])  # whole videos leave, with all their beams
+
+
+@pytest.mark.spec
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_generate_and_predict_attributes_in_the_models_dtype(dtype):
+    """The search's buffers (summed log p, best scores) follow the model's dtype, and float32 features
+    are cast to it: float64 gives float32's captions and attributes; float16 / bfloat16 run on CPU."""
+    cfg = tiny_config(vocab_size=60, d_model=32, max_len=14)
+    torch.manual_seed(14)
+    model = eos_biased(dap.CaptionModel(cfg), scale=6, eos_logit=6.0).eval()
+    other = dap.CaptionModel(cfg).to(dtype).eval()
+    other.load_state_dict(model.state_dict())  # copied into the other dtype
+    feats, caps = random_feats(cfg, B=8), random_captions(cfg, B=8)
+    for beam_size in (1, 3):
+        found, expected = other.generate(feats, beam_size), model.generate(feats, beam_size)
+        assert found.dtype == torch.long and found.size(0) == 8
+        assert ((found >= 0) & (found < cfg.vocab_size) & (found != dap.BOS)).all()
+        if dtype == torch.float64:
+            assert torch.equal(found, expected)
+    tolerance = 1e-6 if dtype == torch.float64 else 2e-2
+    for args in ({"feats": feats}, {"captions": caps}):
+        p = other.predict_attributes(**args)
+        assert p.dtype == dtype
+        torch.testing.assert_close(p.double(), model.predict_attributes(**args).double(), atol=tolerance, rtol=0)
 
 
 def sequence_score(model, feats_b, words, alpha):
@@ -296,6 +334,7 @@ def sequence_score(model, feats_b, words, alpha):
     return total / len(words) ** alpha
 
 
+@pytest.mark.spec
 def test_a_beam_larger_than_the_search_space_finds_the_exhaustive_best():
     """With room for every hypothesis, the authors' rule returns the best finished (EOS-ended) sequence."""
     cfg = tiny_config(vocab_size=6, max_len=5)  # words: UNK, EOS, 4, 5
@@ -348,6 +387,7 @@ def test_determinism_under_fixed_seed():
         assert torch.equal(x, y)
 
 
+@pytest.mark.spec
 def test_predict_attributes_uses_all_instances_at_evaluation():
     cfg = tiny_config()
     model = dap.CaptionModel(cfg).eval()

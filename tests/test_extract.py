@@ -4,11 +4,14 @@
   frames of a generated video whose frames are told apart by brightness are those indices (also without a
   container frame count, and for a truncated file); a video shorter than N repeats frames.
 - Preprocessing against PIL references with hand-computed sizes.
-- Backbones: CLIP ViT and ModifiedResNet features equal OpenAI's model.py encode_image within 1e-4 on identical
-  random weights (a TorchScript archive and a plain state_dict); the released architectures are read off their
-  shapes; the ResNet-101 key names and shapes equal torchvision's, and its features equal torchvision's resnet.py
-  with fc removed (run when torchvision is importable or DAP_TORCHVISION_WHEEL points at a torchvision wheel).
-- Weights: download, SHA-256 check and cache; clear errors offline and for wrong files.
+- Backbones: CLIP (OpenAI's model.py) loaded from a TorchScript archive or a plain state_dict gives
+  clip.load's CPU features (fp32, the checkpoint's own values, not rounded to fp16); the registry has
+  the released sizes; the ResNet-101 key names and shapes equal torchvision's, and its features equal
+  torchvision's resnet.py with fc removed (run when torchvision is importable or DAP_TORCHVISION_WHEEL
+  points at a torchvision wheel).
+- Weights: download, SHA-256 check and cache; clear errors offline and for wrong files; the SHA-256
+  rule (load_matching) and read_meta.
+- Decoding ahead: in order, never more than 2 * workers videos ahead of the backbone.
 - The loop: a video file -> .npy equals the reference step by step; resume after an interruption; bad files are
   reported and the run goes on; shards and worker processes; I/O errors end in one line naming the file (exit 2)
   and lose nothing; files get a plain open()'s permissions; a run that cannot start leaves no folder; kill -9
@@ -22,13 +25,16 @@ import errno
 import hashlib
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
+import threading
 import time
 import typing
 import warnings
 import zipfile
+from concurrent.futures import Future
 from pathlib import Path
 
 import av
@@ -109,6 +115,7 @@ def pil_clip_reference(img, new_size, box):
 # frame sampling and decoding
 
 
+@pytest.mark.spec
 def test_sample_indices_are_the_authors_segment_centres():
     assert extract.sample_indices(10, 4).tolist() == [1, 3, 6, 8]  # bounds 0, 2, 5, 7, 10
     assert extract.sample_indices(3, 7).tolist() == [0, 0, 0, 1, 1, 2, 2]  # shorter than N: repeats
@@ -118,6 +125,7 @@ def test_sample_indices_are_the_authors_segment_centres():
         extract.sample_indices(0, 28)
 
 
+@pytest.mark.spec
 def test_sample_indices_equal_the_authors_numpy_rule_bit_for_bit():
     """The plain-Python rule equals numpy's linspace truncation for every T in 1..400, N in 1..64 (T < N too)."""
     for t in range(1, 401):
@@ -130,6 +138,7 @@ def grey_levels(frames):
     return [int(round((f[20:, 20:].mean() - 10) / 5)) for f in frames]
 
 
+@pytest.mark.spec
 @pytest.mark.parametrize("n", [8, 40, 50])
 def test_decode_keeps_the_sampled_frames(video, n):
     frames = extract.decode_frames(video, n, np.asarray)  # identity preprocessing: (N, 48, 64, 3)
@@ -174,6 +183,7 @@ def test_decode_bad_files_raise_clearly(tmp_path):
 # preprocessing versus PIL references with hand-computed sizes
 
 
+@pytest.mark.spec
 @pytest.mark.parametrize("size,new_size,box", [
     ((320, 240), (298, 224), (37, 0, 261, 224)),     # 224 * 320 / 240 = 298.67 -> 298; (298 - 224) / 2 = 37
     ((240, 320), (224, 298), (0, 37, 224, 261)),
@@ -187,6 +197,7 @@ def test_clip_preprocess_matches_pil_reference(size, new_size, box):
     np.testing.assert_allclose(x.numpy(), pil_clip_reference(img, new_size, box), atol=1e-5)
 
 
+@pytest.mark.spec
 def test_imagenet_preprocess_matches_pil_reference():
     img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (240, 320, 3), dtype=np.uint8))
     ref = np.asarray(img.resize((341, 256), Image.BILINEAR).crop((58, 16, 282, 240)), np.float64) / 255.0  # 341.33
@@ -198,13 +209,16 @@ def test_imagenet_preprocess_matches_pil_reference():
 # backbone conformance with OpenAI's model.py and torchvision's resnet.py
 
 
+@pytest.mark.spec
 @pytest.mark.parametrize("which", ["vit", "rn"])
-def test_clip_visual_matches_openai_encode_image(clip_ckpts, which):
+def test_clip_visual_equals_openai_clip_load_on_cpu(clip_ckpts, which):
+    """A TorchScript archive in fp16 (vit) or a plain state_dict (rn) gives clip.load's CPU features."""
     ref = clip_ckpts["ref"]
-    sd = extract.load_state_dict(clip_ckpts[which])  # TorchScript archive (vit) or plain state_dict (rn)
+    sd = extract.load_state_dict(clip_ckpts[which])
     reference = ref.build_model({k: v.clone() for k, v in sd.items()}).float().eval()  # as clip.load on CPU
     ours = extract.build_clip_visual(sd)
-    assert isinstance(ours, extract.VisionTransformer if which == "vit" else extract.ModifiedResNet)
+    assert type(ours).__name__ == ("VisionTransformer" if which == "vit" else "ModifiedResNet")  # OpenAI's
+    assert all(p.dtype == torch.float32 for p in ours.parameters())
     x = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want, got = reference.encode_image(x), ours(x)
@@ -212,33 +226,28 @@ def test_clip_visual_matches_openai_encode_image(clip_ckpts, which):
     assert (got - want).abs().max() < 1e-4
 
 
-RELEASED_CLIP = {  # OpenAI's released visual encoders
-    "ViT-B/32": dict(arch="vit", input_resolution=224, patch_size=32, width=768, layers=12, heads=12, output_dim=512),
-    "ViT-B/16": dict(arch="vit", input_resolution=224, patch_size=16, width=768, layers=12, heads=12, output_dim=512),
-    "RN50": dict(arch="resnet", layers=[3, 4, 6, 3], output_dim=1024, heads=32, input_resolution=224, width=64),
-    "RN101": dict(arch="resnet", layers=[3, 4, 23, 3], output_dim=512, heads=32, input_resolution=224, width=64),
-    "RN50x4": dict(arch="resnet", layers=[4, 6, 10, 6], output_dim=640, heads=40, input_resolution=288, width=80),
-}
+def test_clip_fp32_weights_are_not_rounded_to_fp16(clip_ckpts):
+    """OpenAI's build_model casts to fp16; extraction keeps a fp32 checkpoint's own values."""
+    g = torch.Generator().manual_seed(0)
+    sd = {k: v + 1e-3 * torch.rand(v.shape, generator=g) if v.is_floating_point() else v
+          for k, v in clip_ckpts["rn_model"].state_dict().items()}
+    assert any(not torch.equal(v, v.half().float()) for v in sd.values())
+    ours = extract.build_clip_visual(dict(sd)).state_dict()
+    assert all(torch.equal(ours[k], sd["visual." + k]) for k in ours)
 
 
-@pytest.mark.parametrize("name", list(RELEASED_CLIP))
-def test_clip_config_is_read_off_the_shapes(name):
-    """The released architectures are recovered from their reference state_dicts' shapes alone."""
-    ref, cfg = load_reference_clip(), RELEASED_CLIP[name]
-    with torch.device("meta"):  # shapes only, no memory
-        vit = cfg["arch"] == "vit"
-        model = ref.CLIP(cfg["output_dim"], cfg["input_resolution"], cfg["layers"], cfg["width"],
-                         cfg.get("patch_size"), 77, 49408, 512, 8, 12)
-    assert extract.clip_visual_config(model.state_dict()) == cfg
-    assert extract.BACKBONES[name].dim == cfg["output_dim"]
-    assert extract.BACKBONES[name].input_size == cfg["input_resolution"]  # RN50x4: 288 px
-    heads = model.visual.transformer.resblocks[0].attn.num_heads if vit else model.visual.attnpool.num_heads
-    assert heads == cfg["heads"]
+RELEASED_CLIP = {"ViT-B/32": (512, 224), "ViT-B/16": (512, 224), "RN50": (1024, 224), "RN101": (512, 224),
+                 "RN50x4": (640, 288)}  # OpenAI's released encoders: embedding size, input pixels
+
+
+def test_registry_has_the_released_clip_sizes():
+    assert {n: (b.dim, b.input_size) for n, b in extract.BACKBONES.items() if n in RELEASED_CLIP} == RELEASED_CLIP
 
 
 RESNET101_LAYOUT_SHA256 = "e0e4b4ababa6968b1645df803a40d18a45ec23658a671a8a7653a2e13b5b2dc3"
 
 
+@pytest.mark.spec
 def test_resnet101_has_torchvision_key_layout():
     """Key names and shapes equal torchvision 0.28.0's resnet101().state_dict() (626 tensors, hashed)."""
     with torch.device("meta"):
@@ -268,6 +277,7 @@ def load_torchvision_resnet():
     return ns["ResNet"], ns["Bottleneck"]
 
 
+@pytest.mark.spec
 def test_resnet_matches_torchvision_without_fc():
     tv_resnet, tv_bottleneck = load_torchvision_resnet()
     with torch.device("meta"):
@@ -289,28 +299,27 @@ def test_resnet_matches_torchvision_without_fc():
 # weights: download, verify, cache, clear errors
 
 
-def test_fetch_weights_verifies_and_caches(tmp_path, monkeypatch):
+def test_fetch_verifies_and_caches(tmp_path, monkeypatch):
     payload = tmp_path / "srv" / "w.pt"
     payload.parent.mkdir()
     payload.write_bytes(b"weights")
     digest = hashlib.sha256(b"weights").hexdigest()
     monkeypatch.setenv("DAP_CACHE", str(tmp_path / "cache"))
-    spec = extract.Backbone("t", "frames", None, None, None, 1, payload.as_uri(), digest)
-    assert extract.fetch_weights(spec).read_bytes() == b"weights"
+    assert extract.fetch(payload.as_uri(), digest).read_bytes() == b"weights"
     payload.unlink()  # cached: no second download
-    assert extract.fetch_weights(spec) == tmp_path / "cache" / "w.pt"
+    assert extract.fetch(payload.as_uri(), digest) == tmp_path / "cache" / "w.pt"
     bad = tmp_path / "srv" / "bad.pt"
     bad.write_bytes(b"tampered")
     with pytest.raises(RuntimeError, match="does not match"):
-        extract.fetch_weights(extract.Backbone("t", "frames", None, None, None, 1, bad.as_uri(), digest))
+        extract.fetch(bad.as_uri(), digest)
     assert not (tmp_path / "cache" / "bad.pt").exists()  # never kept, never unpickled
 
 
-def test_fetch_weights_without_network_says_what_to_do(tmp_path, monkeypatch):
+def test_fetch_without_network_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setenv("DAP_CACHE", str(tmp_path))
     url = "http://127.0.0.1:9/ViT-B-32.pt"  # nothing listens on the discard port
     with pytest.raises(RuntimeError, match="--weights") as e:
-        extract.fetch_weights(extract.Backbone("ViT-B/32", "frames", None, None, None, 512, url, "00"))
+        extract.fetch(url, "00")
     assert url in str(e.value)
 
 
@@ -319,6 +328,7 @@ def test_weights_for_another_input_size_are_refused(clip_ckpts):
         extract.load_backbone("RN50x4", clip_ckpts["rn"])
 
 
+@pytest.mark.spec
 def test_registry_urls_equal_openai_clip_models():
     """The CLIP URLs are those of openai/CLIP's clip.py _MODELS (read as text: `import clip` needs torchvision)."""
     path = Path(load_reference_clip().__file__).with_name("clip.py")
@@ -346,6 +356,66 @@ def test_bad_weights_files(tmp_path):
     torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "notclip.pt")
     with pytest.raises(ValueError, match="not a CLIP checkpoint"):
         extract.load_backbone("ViT-B/32", tmp_path / "notclip.pt")
+
+
+def test_load_matching_refuses_other_weights(clip_ckpts, resnet_ckpt):
+    """The SHA-256 rule: features are only reproduced by the checkpoint that wrote them."""
+    meta = {"backbone": "RN50", "weights_sha256": extract.sha256_file(clip_ckpts["rn"])}
+    model, spec = extract.load_matching(meta, clip_ckpts["rn"])
+    assert spec is extract.BACKBONES["RN50"] and model.output_dim == 64 and not model.training
+    with pytest.raises(ValueError, match=f"weights {clip_ckpts['vit']} have SHA-256 [0-9a-f]{{64}}, but the "
+                                         f"features were extracted with RN50 weights of SHA-256 {meta['weights_sha256']}"
+                                         "; pass the checkpoint that wrote them with --weights"):
+        extract.load_matching(meta, clip_ckpts["vit"])
+    with pytest.raises(ValueError, match="unknown backbone 'ViT-H/14'"):
+        extract.load_matching({**meta, "backbone": "ViT-H/14"}, clip_ckpts["rn"])
+    with pytest.raises(ValueError, match="'resnet101' is not a CLIP backbone"):
+        extract.load_matching({**meta, "backbone": "resnet101"}, resnet_ckpt, text=True)
+
+
+def test_read_meta_names_the_file_and_what_is_wrong(tmp_path):
+    (tmp_path / "meta.json").write_text('{"backbone": "RN50"}')
+    assert extract.read_meta(tmp_path) == extract.read_meta(tmp_path / "meta.json") == {"backbone": "RN50"}
+    (tmp_path / "cut.json").write_text('{"backbone": "RN')
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'cut.json'} is not valid JSON .*delete it$"):
+        extract.read_meta(tmp_path / "cut.json")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'list.json'} holds a JSON list, not an object"):
+        extract.read_meta(tmp_path / "list.json")
+    with pytest.raises(FileNotFoundError, match="nothere/meta.json"):
+        extract.read_meta(tmp_path / "nothere" / "meta.json")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty/meta.json"):
+        extract.read_meta(tmp_path / "empty")
+
+
+def test_decoding_runs_in_order_at_most_2_workers_videos_ahead(monkeypatch, tmp_path):
+    """The worker pool, replaced by one that runs each job when it is submitted: the generator yields
+    the videos in order, and besides the one it hands over, at most 2 * workers are submitted."""
+    submitted, taken = [], []
+
+    class Pool:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def submit(self, fn, *args):
+            submitted.append(args[0])
+            assert len(submitted) - len(taken) <= 2 * 3 + 1  # + 1: the one being handed over
+            future = Future()
+            future.set_result(fn(*args))
+            return future
+
+        def shutdown(self, **kwargs):
+            pass
+
+    monkeypatch.setattr(extract, "ProcessPoolExecutor", Pool)
+    paths = [tmp_path / f"v{i}.mp4" for i in range(20)]  # missing files: each fails at once
+    for path, samples, error in extract.decoded_videos(paths, 4, "RN50", workers=3):
+        taken.append(path)
+        assert samples is None and error == "VideoError: no such file"
+        assert len(submitted) - len(taken) == min(2 * 3, len(paths) - len(taken))  # kept busy
+    assert taken == paths and submitted == [str(p) for p in paths]
+    assert [len(b) for b in extract.batches([(p, np.zeros((3, 1)), None) for p in paths], 8)] == [3] * 6 + [2]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -415,7 +485,7 @@ def test_resume_after_interruption(clip_ckpts, video, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="different run"):  # resuming with other settings is refused
         extract.extract(videos, out, "RN50", clip_ckpts["rn"], frames=8, workers=0, progress=False)
     (out / "meta.json").write_text('{"backbone": "RN50", "fra')  # cut short, e.g. by a full disk elsewhere
-    with pytest.raises(ValueError, match=f"{out / 'meta.json'} is not the meta.json extract.py writes"):
+    with pytest.raises(ValueError, match=f"{out / 'meta.json'} is not valid JSON"):
         extract.extract(videos, out, "RN50", clip_ckpts["rn"], frames=4, workers=0, progress=False)
 
 
@@ -671,3 +741,138 @@ def test_train_reads_extracted_features(clip_ckpts, video, tmp_path):
     assert "CIDEr" in metrics
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["model"]["feature_dims"] == {"image": 64}  # the tiny CLIP's 64-d features were read
+
+
+# ----------------------------------------------------------------------------------------------
+# runs beside each other, bad options, interrupts, odd file names
+
+META = {"backbone": "RN50", "frames": 4, "dtype": "fp32", "frame_sampling": extract.FRAME_RULE,
+        "preprocessing": "x"}
+
+
+def test_two_runs_on_one_out_cannot_both_write_meta_json(tmp_path, monkeypatch):
+    """W3: two runs with other --weights on one --out (shards started together) both found no
+    meta.json, both wrote theirs, and their features mixed under one meta.json. The check and the
+    write now hold a lock on the folder: the second run waits, finds the first one's meta.json and
+    is refused."""
+    real_write, late = extract.write_text, []
+
+    def first_run_writes_slowly(path, text):  # the second run starts between check and write
+        if not late:
+            late.append(threading.Thread(target=lambda: late.append(second_run())))
+            late[0].start()
+            late[0].join(0.5)
+            assert late[0].is_alive(), "the second run did not wait for the first one's meta.json"
+        real_write(path, text)
+
+    def second_run():
+        try:
+            extract.write_meta(tmp_path, {**META, "weights_sha256": "b"})
+        except ValueError as e:
+            return e
+
+    monkeypatch.setattr(extract, "write_text", first_run_writes_slowly)
+    extract.write_meta(tmp_path, {**META, "weights_sha256": "a"})
+    late[0].join(10)
+    assert re.match(r".*meta\.json was written by a different run \(\{'weights_sha256': "
+                    r"\('a', 'b'\)\}", str(late[1]))
+    assert extract.read_meta(tmp_path)["weights_sha256"] == "a"
+    assert os.listdir(tmp_path) == ["meta.json"]  # the lock adds no file
+
+
+@pytest.mark.parametrize("option", [("--batch_size", "0"), ("--batch_size", "-1"),
+                                    ("--workers", "-1"), ("--frames", "0"), ("--frames", "100000")])
+def test_bad_options_are_one_line_before_anything_is_loaded_or_written(tmp_path, option, capsys):
+    """U3: --batch_size 0/-1 and --workers -1 ended in library messages after meta.json was
+    written; --frames 100000 on a 40-frame video ran out of memory at 24 GB. Now one line, exit 2,
+    no folder, no download (no --weights here); --help states the bound on --frames."""
+    out = tmp_path / "out"
+    assert extract.main([str(tmp_path / "v.mp4"), "--out", str(out), "--no_progress", *option]) == 2
+    err = capsys.readouterr().err.splitlines()
+    need = f"need 1 <= --frames <= {extract.MAX_FRAMES}, --batch_size >= 1, --workers >= 0; got"
+    assert len(err) == 1 and err[0].startswith(f"error: {need}")
+    assert not out.exists()
+    with pytest.raises(SystemExit):
+        extract.main(["--help"])
+    assert f"at most {extract.MAX_FRAMES}" in " ".join(capsys.readouterr().out.split())
+
+
+def test_atomic_write_names_its_target_and_leaves_nothing_after_an_interrupt(tmp_path, monkeypatch):
+    """U2: on a read-only --out the temporary file is never created, and removing it fails too
+    (EROFS, not ENOENT): that error, naming the temporary, replaced the real one. U1: SIGTERM (which
+    extract.py and train.py turn into SystemExit and KeyboardInterrupt) or Ctrl-C in the middle of
+    a write leaves no temporary file."""
+    def read_only(tmp):
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp))
+
+    def unlink(self, missing_ok=False):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    with monkeypatch.context() as m:  # root ignores permissions: the read-only folder is simulated
+        m.setattr(Path, "unlink", unlink)
+        with pytest.raises(OSError) as e:
+            extract.atomic_write(tmp_path / "a.npy", read_only)
+    assert (e.value.errno, e.value.filename) == (errno.EROFS, str(tmp_path / "a.npy"))
+    for interrupt in (SystemExit(143), KeyboardInterrupt()):
+        def cut_short(tmp):
+            Path(tmp).write_text("half")
+            raise interrupt
+
+        with pytest.raises(type(interrupt)):
+            extract.atomic_write(tmp_path / "b.txt", cut_short)
+        assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_sigterm_in_the_middle_of_a_write_leaves_no_temporary(clip_ckpts, video, tmp_path):
+    """U1: extract.py killed with SIGTERM (here: sent by np.save itself, mid-write) left
+    .a.npy.<hex>.tmp behind; its handler now ends it through SystemExit, status 143, and the
+    temporary is removed; a rerun resumes."""
+    make_videos(tmp_path / "in", ["a.mp4"], video)
+    out, args = tmp_path / "out", [str(tmp_path / "in"), "--backbone", "RN50", "--weights",
+                                   str(clip_ckpts["rn"]), "--frames", "4", "--workers", "0",
+                                   "--no_progress"]
+    code = ("import os, runpy, signal, sys, time, numpy as np\nsave = np.save\n"
+            "def save_then_sigterm(f, a):\n    save(f, a)\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n    time.sleep(30)\n"
+            f"np.save = save_then_sigterm\n"
+            f"sys.argv = {[extract.__file__, *args, '--out', str(out)]!r}\n"
+            f"runpy.run_path({extract.__file__!r}, run_name='__main__')")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 143 and "Traceback" not in run.stderr, run.stderr
+    assert sorted(os.listdir(out)) == ["meta.json"]
+    assert extract.main([*args, "--out", str(out)]) == 0
+    assert sorted(os.listdir(out)) == ["a.npy", "meta.json"]
+
+
+def test_a_symlink_loop_named_explicitly_fails_alone(tmp_path, video):
+    """U6: Path.resolve raised on a symlink loop named on the command line (or in --list): the
+    whole run ended; now that video fails, with its reason."""
+    loop = tmp_path / "loop.mp4"
+    loop.symlink_to(loop)
+    assert extract.find_videos([str(loop), str(video)]) == [loop, video]
+    assert extract.decode_job(str(loop), 4, "RN50", 1) == (
+        None, "VideoError: a broken or looping symlink")
+
+
+def test_a_newline_or_tab_in_a_name_stays_on_its_line_of_failed_txt_and_silent_txt(tmp_path,
+                                                                                   capsys):
+    """U7: a newline in a video's file name split its failed.txt record (and its silent.txt line)
+    in two; names are escaped (backslash, tab, newline, CR), and a later run still finds the
+    fixed ones."""
+    odd = [Path("dir\nx") / "new\nline.mp4", Path("tab\there.mp4"), Path("back\\slash.mp4")]
+    for path in odd:
+        extract.record_failure(tmp_path, path, "VideoError: zero decodable\nvideo frames")
+    why = "VideoError: zero decodable video frames"
+    assert [line.split("\t") for line in (tmp_path / "failed.txt").read_text().splitlines()] == [
+        [r"new\nline", r"dir\nx/new\nline.mp4", why], [r"tab\there", r"tab\there.mp4", why],
+        [r"back\\slash", r"back\\slash.mp4", why]]
+    assert len(capsys.readouterr().err.splitlines()) == 3
+    np.save(tmp_path / "new\nline.npy", np.zeros((4, 2), np.float32))  # fixed by a later run
+    extract.compact_failures(tmp_path)
+    failed = (tmp_path / "failed.txt").read_text().splitlines()
+    assert [line.split("\t")[0] for line in failed] == [r"tab\there", r"back\\slash"]
+    (tmp_path / "meta.json").write_text("{}")
+    extract.append_line(tmp_path / "silent.txt", "new\nline".translate(extract.ESCAPE))
+    extract.list_silent(tmp_path)
+    assert extract.read_meta(tmp_path)["silent"] == ["new\nline"]

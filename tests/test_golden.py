@@ -7,37 +7,17 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import dap
 import train
 from conftest import reference_beam_search
+from make_golden import their_names_to_ours
 from dap import PAD
 
 GOLDEN = Path(__file__).parent / "golden"
-
-
-def their_names_to_ours(theirs):
-    """Their state_dict keys (models/Framework.py, Encoder.py, Decoder.py, Head.py, Predictor) -> dap.py's."""
-    rules = [("encoder.Encoder_I.", "encoder.proj.image."), ("encoder.Encoder_M.", "encoder.proj.motion."),
-             ("encoder.Encoder_A.", "encoder.proj.audio."), ("predictor.nets.0.prj.0.", "vap_net."),
-             ("predictor.nets.0.prj.1.", "tap_net."), ("decoder.embedding.word_embeddings.", "embedding.word."),
-             ("decoder.embedding.position_embeddings.", "embedding.position."),
-             ("decoder.embedding.LayerNorm.", "embedding.norm."), ("cls_head.tgt_word_prj.", "head."),
-             ("decoder.layers.", "layers.")]
-    sublayer = [("intra_attention.SDPA.query.", "self_attn.q."), ("intra_attention.SDPA.key.", "self_attn.k."),
-                ("intra_attention.SDPA.value.", "self_attn.v."), ("intra_attention.dense.", "self_attn.out."),
-                ("intra_attention.LayerNorm.", "norm1."), ("inter_attention.SDPA.query.", "cross_attn.q."),
-                ("inter_attention.SDPA.key.", "cross_attn.k."), ("inter_attention.SDPA.value.", "cross_attn.v."),
-                ("inter_attention.dense.", "cross_attn.out."), ("inter_attention.LayerNorm.", "norm2."),
-                ("ffn.dense1.", "ffn.0."), ("ffn.dense2.", "ffn.2."), ("ffn.LayerNorm.", "norm3.")]
-    ours = {}
-    for key, value in theirs.items():
-        for old, new in rules + sublayer:
-            key = key.replace(old, new)
-        ours[key] = value.float()
-    return ours
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +42,7 @@ def close(ours, theirs):
     torch.testing.assert_close(ours, theirs.to(ours.dtype), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.spec
 def test_forward_equals_the_authors(golden):
     """Encoder output, teacher-forced logits, caption loss, VAP and TAP noisy-OR and losses, Eq. 12's total."""
     model, g = golden
@@ -74,6 +55,8 @@ def test_forward_equals_the_authors(golden):
         real = g["labels"] != PAD                                        # PAD targets are never scored
         close(logits[real], g["logits"][real])
         close(dap.caption_loss(logits, g["labels"]), g["lang_loss"])
+        packed = model.decode(model.embedding(g["input_ids"], real=real), memory, real=real)  # training's path
+        close(packed, g["logits"][real])
         vap = model.video_attribute_p_raw(memory)
         close(dap.noisy_or(vap), g["preds_attr"])
         close(dap.attribute_loss(vap, g["labels_attr"]), g["vap_loss"])
@@ -90,6 +73,7 @@ def test_forward_equals_the_authors(golden):
         close(out[ours], g[theirs])
 
 
+@pytest.mark.spec
 @pytest.mark.parametrize("beam_size", [1, 5])
 def test_greedy_and_beam_search_equal_the_authors(golden, beam_size):
     """Their Translator and Beam with the two documented changes (BOS first; PAD and BOS never produced)."""
@@ -100,6 +84,7 @@ def test_greedy_and_beam_search_equal_the_authors(golden, beam_size):
     assert len({len(c) for c in expected}) > 2                           # realistic, varied lengths
 
 
+@pytest.mark.spec
 @pytest.mark.parametrize("variant", ["as_is", "bos_first", "patched"])
 def test_the_per_video_transcription_reproduces_their_translator(golden, variant):
     """conftest.reference_beam_search, the specification the batched search is tested against, is their
@@ -124,11 +109,13 @@ def sha256(text):
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+@pytest.mark.spec
 def test_tokenisation_equals_theirs_on_tricky_captions(theirs):
     for example in theirs["examples"]:
         assert train.tokenize(example["raw"]) == example["tokens"], example["kind"]
 
 
+@pytest.mark.spec
 def test_novel_unique_vocab_equal_theirs(theirs):
     case = theirs["novelty_metric"]
     itow = {int(i): w for i, w in case["vocab"].items()}
@@ -158,14 +145,17 @@ def shared_dir_module():
     return SHARED
 
 
+@pytest.mark.spec
 def test_vocabulary_and_attributes_equal_theirs(msrvtt, theirs):
     ds, captions, vocab, attributes = msrvtt
     words = vocab[len(train.SPECIALS):]
     assert len(words) == theirs["vocab_size"] == 10541
     assert sha256("\n".join(sorted(words))) == theirs["vocab_set_sha256"]
+    assert sha256("\n".join(words)) == theirs["vocab_ordered_sha256"]  # their word ids, in order
     assert attributes == theirs["attributes_k500"]                      # the same 500, in the same order
 
 
+@pytest.mark.spec
 def test_attribute_labels_and_references_equal_theirs(msrvtt, theirs):
     ds, _, _, attributes = msrvtt
     labels = train.attribute_labels([ds.captions[v] for v in ds.splits["train"]], attributes)  # numeric id order
@@ -176,3 +166,25 @@ def test_attribute_labels_and_references_equal_theirs(msrvtt, theirs):
     refs = "".join(f"{v}\t{i}\t{' '.join(train.tokenize(c))}\n" for v in sorted(ds.captions, key=order)
                    for i, c in enumerate(ds.captions[v]))
     assert sha256(refs) == theirs["references_sha256"]
+
+
+@pytest.mark.spec
+def test_vatex_prepared_as_theirs_though_some_videos_have_no_features(tmp_path):
+    """Their preprocess_VATEX on a VATEX-format sample (tests/make_golden.py, vatex_sample): the same
+    tokens (punkt's sentence splitting included), the vocabulary from every training caption (of the
+    videos without features too) in their word order, the same attribute labels."""
+    g = json.loads((GOLDEN / "authors_vatex.json").read_text())
+    for name, items in g["annotations"].items():
+        (tmp_path / name).write_text(json.dumps(items))
+    (tmp_path / "image").mkdir()
+    for v in g["available"]:
+        np.save(tmp_path / "image" / f"{v}.npy", np.zeros((2, 3), np.float32))
+    args = train.get_args(["--dataset", "vatex", "--data", str(tmp_path), "--feats", f"image={tmp_path / 'image'}"])
+    messages = []
+    ds, data, vocab, attributes = train.load_data(args, log=messages.append)
+    assert ds.captions == g["references"]                                  # stored tokenised
+    assert vocab[len(train.SPECIALS):] == g["vocab"] and attributes == g["vocab"][:len(attributes)]
+    assert ds.all_ids == g["available"] and any("dropping 8 of 38" in m for m in messages)
+    labels = {v: "".join("1" if x else "0" for x in row.tolist())
+              for v, row in zip(data["train"].ids, data["train"].labels.bool())}
+    assert labels == {v: g["train_labels"][v][:len(attributes)] for v in data["train"].ids}

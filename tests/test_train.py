@@ -1,8 +1,9 @@
 """train.py: the datasets (MSR-VTT on the real annotations when ../shared exists, VATEX on a fixture in the
 official format, the SYNTHETIC toy), features (.npy and HDF5, extract.py's frame rule), vocabulary and
-attributes, the metrics against hand computations, the study's bookkeeping, and end-to-end toy runs
-(train, reload, --eval_only, --resume, the default Base-vs-DAP run, --table)."""
+attributes, the metrics against hand computations, the toy study's bookkeeping (notebooks/toy_study.py),
+and end-to-end toy runs (train, reload, --eval_only, --resume, the default Base-vs-DAP run, one study cell)."""
 import json
+import sys
 import zipfile
 
 import numpy as np
@@ -11,6 +12,10 @@ import torch
 
 import extract
 import train
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "notebooks"))
+import toy_study  # noqa: E402
 from conftest import write_vatex
 from dap import BOS, EOS, PAD, UNK
 
@@ -39,6 +44,7 @@ def test_msrvtt_splits_captions_categories(msrvtt):
     assert set(ds.categories.values()) == set(range(20)) and ds.categories["video0"] == 9
 
 
+@pytest.mark.spec
 def test_msrvtt_vocabulary_and_attributes(msrvtt):
     ds, captions, vocab = msrvtt
     assert vocab[:4] == ["<pad>", "<unk>", "<bos>", "<eos>"]
@@ -93,6 +99,28 @@ def test_vatex_loader_and_missing_videos_dropped(tmp_path):
         train.load_vatex(feats_dir)
 
 
+@pytest.mark.spec
+def test_tokenize_vatex_splits_sentences_as_nltk_word_tokenize_with_punkt():
+    assert train.tokenize_vatex("A group of people are performing on stage. While a man's dog sings.") == [
+        "a", "group", "of", "people", "are", "performing", "on", "stage", "while", "a", "man", "s", "dog", "sings"]
+    # punkt's English abbreviations keep their full stop, and it needs a space after one
+    assert train.tokenize_vatex("Mr. Smith turns right.then stops") == ["mr.", "smith", "turns", "right.then", "stops"]
+
+
+@pytest.mark.spec
+def test_vatex_vocabulary_and_attributes_ignore_missing_features(tmp_path):
+    write_vatex(tmp_path)   # 3 training videos; without vid0's captions, 8 of 15 words fall under 3 counts
+    ids = train.load_vatex(tmp_path).all_ids
+    dirs, _ = make_feature_dirs(tmp_path, ids, dims={"image": 4})
+    args = train.get_args(["--dataset", "vatex", "--data", str(tmp_path), "--feats", f"image={dirs['image']}"])
+    _, _, vocab, attributes = train.load_data(args, log=lambda m: None)
+    (dirs["image"] / f"{ids[0]}.npy").unlink()
+    messages = []
+    ds, _, vocab_without, attributes_without = train.load_data(args, log=messages.append)
+    assert (vocab_without, attributes_without) == (vocab, attributes) and ids[0] not in ds.all_ids
+    assert any("dropping 1 of 6" in m for m in messages)
+
+
 # ----------------------------------------------------------------------------------------------
 # Features
 
@@ -108,6 +136,7 @@ def make_feature_dirs(root, ids, dims={"image": 4, "motion": 3, "audio": 2}, T=7
     return {m: root / m for m in dims}, arrays
 
 
+@pytest.mark.spec
 def test_load_features_takes_extracts_frames(tmp_path):
     ids = ["a", "b"]
     paths, arrays = make_feature_dirs(tmp_path, ids)
@@ -156,33 +185,35 @@ def test_hdf5_features(tmp_path):
 
 
 def test_parse_feats():
-    assert train.parse_feats("image=a/b, motion=c") == {"image": "a/b", "motion": "c"}
+    assert train.parse_modalities("image=a/b, motion=c") == {"image": "a/b", "motion": "c"}
     with pytest.raises(ValueError, match="MODALITY=PATH"):
-        train.parse_feats("image")
+        train.parse_modalities("image")
     with pytest.raises(ValueError, match="no image"):
-        train.parse_feats("motion=x")
+        train.parse_modalities("motion=x")
 
 
 # ----------------------------------------------------------------------------------------------
 # Vocabulary and attributes
 
 
+@pytest.mark.spec
 def test_tokenize_and_vocabulary_edge_cases():
     # the authors' rule: whitespace split, tokens that are (substrings of) string.punctuation dropped, lowercase
     assert train.tokenize("A man , a PLAN... don't stop -- t-shirt café !") == [
         "a", "man", "a", "plan...", "don't", "stop", "--", "t-shirt", "café"]
     assert train.tokenize("") == [] and train.tokenize("? ! ()") == []
     caps = ["a cat sits", "the dog runs", "a cat runs", "the dog", "the cat", "a dog"]  # cat 3, dog 3, a 3, the 3
-    vocab = train.build_vocab(caps)
-    assert vocab == ["<pad>", "<unk>", "<bos>", "<eos>", "a", "cat", "the", "dog"]   # ties: first seen first
+    vocab = train.build_vocab(caps)  # by count, ties first seen first: a cat the dog; non-stop first
+    assert vocab == ["<pad>", "<unk>", "<bos>", "<eos>", "cat", "dog", "a", "the"]
     w2i = {w: i for i, w in enumerate(vocab)}
     assert train.encode_caption("", w2i) == [BOS, EOS]
-    assert train.encode_caption("A cat , naïvely !", w2i) == [BOS, 4, 5, UNK, EOS]
+    assert train.encode_caption("A cat , naïvely !", w2i) == [BOS, 6, 4, UNK, EOS]
     long = train.encode_caption(" ".join(["cat"] * 50), w2i, max_len=30)
     assert len(long) == 30 and long[0] == BOS and long[-1] == EOS
-    assert train.decode_caption([4, 5, EOS, 4], vocab) == "a cat" and train.decode_caption([5, PAD], vocab) == "cat"
+    assert train.decode_caption([6, 4, EOS, 4], vocab) == "a cat" and train.decode_caption([4, PAD], vocab) == "cat"
 
 
+@pytest.mark.spec
 def test_attributes_skip_stop_words_shrink_and_label():
     caps = ["the dog runs in the park"] * 3 + ["a dog eats"] * 3 + ["a cat eats"] * 4
     vocab = train.build_vocab(caps)
@@ -244,6 +275,7 @@ def test_caption_scores_without_java(monkeypatch):
     assert train.coco_tokenize({0: ["Don't STOP, now."]}) == {0: ["don't stop now"]}
 
 
+@pytest.mark.spec
 def test_diversity_hand_computed():
     """Novel counts distinct novel captions over all captions; training words outside the vocabulary read <unk>."""
     vocab = ["<pad>", "<unk>", "<bos>", "<eos>", "a", "man", "runs", "dog", "barks", "cat"]
@@ -253,6 +285,7 @@ def test_diversity_hand_computed():
     assert d["Novel"] == pytest.approx(100 * 2 / 6) and d["Unique"] == pytest.approx(100 * 4 / 6) and d["Vocab"] == 7
 
 
+@pytest.mark.spec
 def test_mean_average_precision_hand_computed():
     probs = torch.tensor([[0.9, 0.8, 0.1], [0.2, 0.7, 0.5], [0.3, 0.2, 0.1]])
     labels = torch.tensor([[1, 0, 1], [0, 1, 0], [0, 0, 0]])           # the last video has no positive: skipped
@@ -301,7 +334,7 @@ def test_toy_statistics_mirror_msrvtt_and_follow_their_parameters():
         ds = train.make_toy(seed=0, n_train=100, n_val=2, n_test=2, agreement=agreement)
         captions = train.training_captions(ds)
         vocab = train.build_vocab(captions)
-        stats[agreement] = train.caption_statistics(ds, vocab, train.build_attributes(captions, vocab, 500))
+        stats[agreement] = toy_study.caption_statistics(ds, vocab, train.build_attributes(captions, vocab, 500))
     assert stats[0.0]["captions per video"] == 20 and 0.05 < stats[0.0]["mention share"] < 0.25
     assert 7 < stats[0.0]["words per caption"] < 13 and stats[0.0]["vocabulary"] > stats[0.0]["K"] / 2
     assert stats[1.0]["mention share"] == 1.0
@@ -311,7 +344,7 @@ def test_caption_statistics_hand_computed():
     ds = train.Dataset("x", {"train": ["a", "b"], "val": [], "test": []},
                        {"a": ["a red car drives", "a car"], "b": ["a dog runs", "a dog barks loudly"]})
     attributes = ["car", "dog", "red", "runs", "barks"]
-    s = train.caption_statistics(ds, train.SPECIALS + ["a", "car", "dog"], attributes)
+    s = toy_study.caption_statistics(ds, train.SPECIALS + ["a", "car", "dog"], attributes)
     # labels: a = {car, red}, b = {dog, runs, barks}; per caption: 2/2, 1/2, 2/3, 2/3
     assert s["attributes per video (mean)"] == 2.5 and s["attributes per caption"] == pytest.approx(7 / 4)
     assert s["mention share"] == pytest.approx((1 + 0.5 + 2 / 3 + 2 / 3) / 4)
@@ -345,24 +378,26 @@ def test_end_to_end_toy_run_and_reload(tmp_path, no_java):
     _, again = train.evaluate(model, data["test"], vocab, attrs, [], beam_size=2, meteor=False, progress=False)
     assert [r["caption"] for r in again] == [r["caption"] for r in captions]
     train.main(TINY + ["--eval_only", "--ckpt", str(out / "best.pt"), "--out", str(tmp_path / "eval")])
-    assert json.loads((tmp_path / "eval" / "captions.json").read_text()) == captions
+    assert json.loads((tmp_path / "eval" / "best.captions.json").read_text()) == captions
 
 
 @pytest.mark.slow
 def test_resume_continues_an_interrupted_run(tmp_path, no_java):
     args = train.get_args(TINY)
     _, data, vocab, attrs = train.load_data(args, log=lambda *a: None)
-    kw = dict(d_model=32, seed=0, batch_size=16, beam_size=1, progress=False, log=lambda *a: None)
-    full, full_history = train.train_model("dap", data, vocab, attrs, epochs=3, **kw)
+    recipe = train.recipe_for("toy", d_model=32, batch_size=16, beam_size=1, epochs=3)
+    kw = dict(progress=False, log=lambda *a: None)
+    full, full_history = train.train_model("dap", data, vocab, attrs, recipe, **kw)
 
     def interrupt(epoch, history):
         if epoch == 0:
             raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        train.train_model("dap", data, vocab, attrs, epochs=3, out_dir=tmp_path, on_epoch_end=interrupt, **kw)
+        train.train_model("dap", data, vocab, attrs, recipe, out_dir=tmp_path, on_epoch_end=interrupt, **kw)
     logs = []
     kw["log"] = logs.append
-    resumed, history = train.train_model("dap", data, vocab, attrs, epochs=3, out_dir=tmp_path, resume=True, **kw)
+    state = train.read_checkpoint(tmp_path / "last.pt")
+    resumed, history = train.train_model("dap", data, vocab, attrs, recipe, out_dir=tmp_path, state=state, **kw)
     assert any("resuming" in m and "after epoch 1" in m for m in logs)
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in full_history])
@@ -397,34 +432,52 @@ def test_the_default_run_gives_each_task_its_own_out_folder(tmp_path, no_java):
     """--out DIR with the default run: Base in DIR/base, DAP in DIR/dap (they used to overwrite each other)."""
     train.main(TINY + ["--epochs", "1", "--out", str(tmp_path / "cmp")])
     for task in ("base", "dap"):
-        assert train.read_meta(tmp_path / "cmp" / task / "config.json")["task"] == task
+        assert extract.read_meta(tmp_path / "cmp" / task / "config.json")["task"] == task
         assert (tmp_path / "cmp" / task / "best.pt").exists()
 
 
 def test_study_resumes_and_summarises_over_seeds(tmp_path, monkeypatch):
-    """--study runs each (cell, task, seed) once, saves after each, and summarises mean, std and count."""
+    """The study runs each (cell, task, seed) once, saves after each, and summarises mean, std, count."""
     calls = []
 
     def fake_run(cell, task, seed):
         calls.append((cell, task, seed))
         test = {"Meta-Sum": 100.0 + seed, "CIDEr": 50.0, "mAP-VAP": None}
         return {"cell": cell, "task": task, "seed": seed, "test": test, "total_s": 1.0, "train_s": 1.0,
-                "test_fewer_frames": {str(n): test for n in train.STUDY_FRAMES}, "data_statistics": {"K": 10}}
-    monkeypatch.setattr(train, "study_run", fake_run)
-    monkeypatch.setattr(train, "STUDY_CELLS", {"default": ({}, ["base", "dap"], "paper", {})})
-    args = train.get_args(["--study", "--seeds", "0", "1", "--out", str(tmp_path / "s.json")])
-    train.run_study(args, log=lambda *a: None)
+                "test_fewer_frames": {str(n): test for n in toy_study.STUDY_FRAMES}, "data_statistics": {"K": 10},
+                "best_epoch": 2, "epochs_run": 7}
+    monkeypatch.setattr(toy_study, "study_run", fake_run)
+    monkeypatch.setattr(toy_study, "STUDY_CELLS", {"default": ("300 videos", {}, ["base", "dap"], "paper", {})})
+    args = ["--cells", "default", "--seeds", "0", "1", "--out", str(tmp_path / "s.json")]
+    toy_study.main(args)
     assert len(calls) == 4
     summary = json.loads((tmp_path / "s.json").read_text())["summary"]
     assert summary["default"]["dap"]["Meta-Sum"] == [100.5, 0.5, 2] and "mAP-VAP" not in summary["default"]["dap"]
-    train.run_study(args, log=lambda *a: None)                 # everything is there: nothing runs again
+    toy_study.main(args)                                   # everything is there: nothing runs again
     assert len(calls) == 4
+    study = json.loads((tmp_path / "s.json").read_text())
+    assert "| default (dap) | 100.5 ± 0.5 |" in toy_study.summary_table(study).replace("50.0 ± 0.0 | ", "")
+    # DAP - Base per seed: 0 and 0, neither seed ahead; the default run's closing sentence says so
+    assert study["summary"]["paired"]["default"] == {"what": "300 videos", "diff": [0.0, 0.0, 2], "ahead": 0}
+    verdict = train.study_verdict(tmp_path / "s.json")
+    assert "300 videos +0.0 ± 0.0 (0/2 seeds ahead)" in verdict and "behind beyond it: none" in verdict
+    assert "no paired runs" in train.study_verdict(tmp_path / "nothing.json")
+
+
+def test_a_file_that_is_not_a_study_is_refused(tmp_path):
+    (tmp_path / "metrics.json").write_text('{"CIDEr": 1.0}')
+    with pytest.raises(SystemExit, match="metrics.json is not a study file"):
+        toy_study.main(["--table", "--out", str(tmp_path / "metrics.json")])
 
 
 @pytest.mark.slow
-def test_table_runs_every_task(tmp_path, no_java):
-    rows = train.main(TINY + ["--table", "--seeds", "0", "--epochs", "1", "--out", str(tmp_path)])
-    assert list(rows) == ["Base", "VAP", "TAP", "DAP"]
-    assert "mAP-VAP" not in rows["Base"] and "mAP-TAP" in rows["DAP"] and rows["DAP"]["CIDEr"][1] == 0.0  # one seed
-    table = (tmp_path / "table.md").read_text()
-    assert "SYNTHETIC" in table and table.count("\n| ") == 5
+def test_one_study_cell_runs_every_task(tmp_path, no_java, monkeypatch):
+    """python notebooks/toy_study.py --cells default: Base, VAP, TAP and DAP on a tiny toy."""
+    tiny = dict(n_train=16, n_val=4, n_test=4)
+    make_toy = train.make_toy
+    monkeypatch.setattr(train, "make_toy", lambda **kw: make_toy(**{**kw, **tiny}))
+    monkeypatch.setitem(train.DATASET_RECIPES, "toy", dict(d_model=32, n_frames=6, epochs=1, beam_size=2))
+    study = toy_study.main(["--cells", "default", "--seeds", "0", "--out", str(tmp_path / "s.json")])
+    assert sorted(r["task"] for r in study["runs"].values()) == ["base", "dap", "tap", "vap"]
+    dap_run = study["runs"]["default|dap|0"]
+    assert {"mAP-VAP", "mAP-TAP"} <= set(dap_run["test"]) and dap_run["best_epoch"] == 1
