@@ -618,7 +618,8 @@ def train(model, data, vocab, attributes, recipe, out_dir=None, state=None, prog
     """Train on data["train"], validate on data["val"] after each epoch -> history; the model ends
     with its best weights. out_dir: last.pt every epoch (for --resume), best.pt (best validation
     Meta-Sum). state: a last.pt to continue from. on_epoch_end(epoch, history): notebooks, tests."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay,
+                                 fused=True)  # the same update as the loop, in one pass (~5x on CPU)
     val_refs = coco_tokenize(dict(enumerate(data["val"].refs))) if validate else None
     history, best_score, best_state, start, best_epoch = [], -math.inf, None, 0, 0
     if state is not None:

@@ -158,13 +158,13 @@ def read_study(path):
     return study
 
 
-def run_study(path=STUDY_PATH, cells=tuple(STUDY_CELLS), seeds=(0, 1, 2), log=print):
+def run_study(path=STUDY_PATH, cells=tuple(STUDY_CELLS), seeds=(0, 1, 2), tasks=None, log=print):
     """Every (cell, task, seed) not yet in the study file, each saved as it finishes (resumable).
     Several processes may share the file (e.g. one per core, other cells): each record is merged
     into it under a lock."""
     for cell in cells:
         for seed in seeds:
-            for task in STUDY_CELLS[cell][2]:
+            for task in [t for t in STUDY_CELLS[cell][2] if t in (tasks or train.TASKS)]:
                 key = f"{cell}|{task}|{seed}"
                 if key in read_study(path)["runs"]:
                     continue
@@ -194,12 +194,14 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
     p.add_argument("--cells", nargs="+", choices=list(STUDY_CELLS), default=list(STUDY_CELLS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--tasks", nargs="+", choices=list(train.TASKS), help="only these (default all)")
     p.add_argument("--out", default=str(STUDY_PATH), help="the study file (resumed if it exists)")
     p.add_argument("--table", action="store_true", help="only print the table of what is there")
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # the toy's small matrices: one thread is as fast, and shares well
     try:
-        study = read_study(args.out) if args.table else run_study(args.out, args.cells, args.seeds)
+        study = (read_study(args.out) if args.table
+                 else run_study(args.out, args.cells, args.seeds, args.tasks))
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
     print(summary_table(study, None if args.table else args.cells))
