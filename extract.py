@@ -941,12 +941,12 @@ def read_meta(path) -> dict:
 
 @contextmanager
 def meta_lock(out: Path):
-    """Runs sharing the folder `out` (shards) read, check and write its meta.json one at a time: an
-    exclusive flock on the folder itself, released when it closes (POSIX; elsewhere no lock)."""
+    """One run at a time on the folder `out` (shards): an exclusive flock on the folder itself."""
     with ExitStack() as held:
         if os.name == "posix":
+            import fcntl  # POSIX only
             held.callback(os.close, fd := os.open(out, os.O_RDONLY))
-            importlib.import_module("fcntl").flock(fd, 2)  # LOCK_EX: waits for the other run
+            fcntl.flock(fd, fcntl.LOCK_EX)  # waits for the other run
         yield
 
 

@@ -680,6 +680,11 @@ def train(model, data, vocab, attributes, recipe, out_dir=None, state=None, prog
     return history
 
 
+def best_epoch(history):
+    """The epoch train() keeps: the first with the best validation Meta-Sum."""
+    return max(history, key=lambda h: h["val_Meta-Sum"])["epoch"]
+
+
 def train_model(task, data, vocab, attributes, recipe, device="cpu", log=print, **options):
     """Build and train a model for task base | vap | tap | dap -> (model, history).
     options: train()'s (out_dir, state, progress, on_epoch_end, validate, meteor)."""
@@ -1038,7 +1043,7 @@ def run(args, task, log=print):
     if ds.synthetic:  # the toy knows what each video shows: are the named details right?
         metrics.update(toy_details(ds, test.ids, [r["caption"] for r in results]))
     if not args.eval_only:
-        metrics["epoch kept"] = max(history, key=lambda h: h["val_Meta-Sum"])["epoch"]
+        metrics["epoch kept"] = best_epoch(history)
         metrics["epochs run"] = len(history)
     title = f"{args.dataset} test set" + (f" — SYNTHETIC toy data, {ds.meta['backbone']} backbone"
                                           if ds.synthetic else "")

@@ -102,7 +102,7 @@ def study_run(cell, task, seed, log=lambda *a: None):
     return {"cell": cell, "task": task, "seed": seed, "variant": variant, "toy": toy_kw,
             "recipe": dataclasses.asdict(recipe), "test": test(),
             "test_fewer_frames": {str(n): test(n) for n in STUDY_FRAMES},
-            "best_epoch": max(history, key=lambda h: h["val_Meta-Sum"])["epoch"],
+            "best_epoch": train.best_epoch(history),
             "epochs_run": len(history),
             "val_meta_sum": [round(h["val_Meta-Sum"], 2) for h in history],
             "data_statistics": caption_statistics(ds, vocab, attributes),
