@@ -4,10 +4,11 @@ Dual Attribute Prediction (DAP), an auxiliary noisy-OR multiple-instance attribu
 
 Paper: "CLIP Meets Video Captioners: Attribute-Aware Representation Learning Promotes Accurate
 Captioning", Bang Yang and Yuexian Zou (arXiv 2111.15162). Equation numbers below are the paper's.
-Where the paper is silent, the authors' code (github.com/yangbang18/CLIP-Captioner) decides; the file
-it comes from is named next to the line. The file follows the paper: Sec. 3 (encoder, embedding,
-decoder, caption loss), Sec. 4.1 (APNet, noisy-OR, attribute loss), Sec. 4.2 (sparse sampling, VAP,
-TAP, Eq. 12), then generation. It imports torch and the standard library only: copy it on its own.
+Where the paper is silent, the authors' code (github.com/yangbang18/CLIP-Captioner) decides;
+the file it comes from is named next to the line. The file follows the paper: Sec. 3 (encoder,
+embedding, decoder, caption loss), Sec. 4.1 (APNet, noisy-OR, attribute loss), Sec. 4.2 (sparse
+sampling, VAP, TAP, Eq. 12), then generation. It imports torch and the standard library only:
+copy it on its own.
 """
 from dataclasses import dataclass, field
 
@@ -79,8 +80,9 @@ class Encoder(nn.Module):
     def forward(self, feats):
         missing = [m for m in self.proj if m not in feats]
         if missing:
-            raise KeyError(f"features for modalities {missing} are missing; the model was built for "
-                           f"{list(self.proj)} (pass zeros for a video that lacks one, e.g. no soundtrack)")
+            raise KeyError(f"features for modalities {missing} are missing; the model was built "
+                           f"for {list(self.proj)} (pass zeros for a video that lacks one, e.g. "
+                           "no soundtrack)")
         # frozen backbone features (B, N, D_m) -> (B, M*N, d); no positional encoding, no
         # self-attention; cast to the model's dtype (float32 features into a half or double model)
         dtype = next(self.parameters()).dtype
@@ -117,7 +119,7 @@ class Cache:
 
 
 class Attention(nn.Module):
-    """Multi-head attention; while generating it appends to a Cache instead of recomputing the prefix."""
+    """Multi-head attention; generating, it appends to a Cache instead of recomputing the prefix."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -139,14 +141,14 @@ class Attention(nn.Module):
         if memory is not None:
             q = q.view(memory.size(0), -1, q.size(-1))        # (B, k*T, d): a video's hypotheses
         if memory is not None and cache is not None and cache.k is not None:
-            k, v = cache.k, cache.v                # cross-attention: the video's keys/values, from step 0
+            k, v = cache.k, cache.v         # cross-attention: the video's keys/values, from step 0
         else:
             source = x if memory is None else memory
             k, v = self.k(source), self.v(source)
             if memory is None and real is not None:
                 k, v = unpack(k, real), unpack(v, real)
             k, v = self.split_heads(k), self.split_heads(v)                     # (B', h, T, d/h)
-            if memory is None and cache is not None and cache.k is not None:  # self-attention: append
+            if memory is None and cache is not None and cache.k is not None:  # self-attn: append
                 k, v = torch.cat([cache.k, k], dim=2), torch.cat([cache.v, v], dim=2)
             if cache is not None:
                 cache.k, cache.v = k, v
@@ -178,7 +180,7 @@ class DecoderLayer(nn.Module):
 
 
 def caption_loss(logits, targets, batch_size=None):
-    """Eq. 4 with teacher forcing: -sum_t log p(y_t | Y_<t, V) over the non-PAD targets, / batch size.
+    """Eq. 4, teacher forcing: -sum_t log p(y_t | Y_<t, V) over the non-PAD targets, / batch size.
 
     logits: (B, T, V) for the inputs BOS w1..wn, targets: (B, T), w1..wn EOS PAD...; or (N, V) and
     (N,) for N positions and batch_size = B. The authors sum over tokens and average over videos
@@ -211,7 +213,8 @@ def noisy_or(p_raw, valid=None):
     all); or p_raw (N, K), the real instances alone (training computes no others).
     """
     p_raw, valid = real_instances(p_raw, valid)
-    log_not = (1 - p_raw).clamp(min=1e-12).log()  # log(1 - P_raw), kept finite (models/Predictor/pred_attribute.py)
+    # log(1 - P_raw), kept finite (models/Predictor/pred_attribute.py)
+    log_not = (1 - p_raw).clamp(min=1e-12).log()
     return 1 - unpack(log_not, valid).sum(dim=1).exp()  # (B, K); the others count as P_raw = 0
 
 
@@ -223,11 +226,13 @@ def attribute_loss(p_raw, labels, valid=None):
     p_raw, valid = real_instances(p_raw, valid)
     K = p_raw.size(1)
     labels = labels.float()
-    p = noisy_or(p_raw, valid).clamp(0.01, 0.99)  # clamped before the logarithms (misc/Crit/crit_attribute.py)
+    # clamped before the logarithms (misc/Crit/crit_attribute.py)
+    p = noisy_or(p_raw, valid).clamp(0.01, 0.99)
     k_pos = labels.sum(dim=1)                                                       # (B,)
-    bce = -(labels * p.log() + (1 - labels) * (1 - p).log()).sum(dim=1)            # Eq. 8, summed over K
-    bce = bce / k_pos.clamp(min=1)                                                  # ... normalised by K_pos
-    # Eq. 9, L_reg = max(mean(P_raw) - K_pos / K, 0) over the real instances: keeps prediction conservative
+    bce = -(labels * p.log() + (1 - labels) * (1 - p).log()).sum(dim=1)    # Eq. 8, summed over K
+    bce = bce / k_pos.clamp(min=1)                                          # ... over K_pos
+    # Eq. 9, L_reg = max(mean(P_raw) - K_pos / K, 0) over the real instances: keeps the prediction
+    # conservative
     sum_p_raw = unpack(p_raw.sum(dim=1), valid).sum(dim=1)                          # (B,)
     mean_p_raw = sum_p_raw / (valid.sum(dim=1) * K).clamp(min=1)
     reg = (mean_p_raw - k_pos / K).clamp(min=0)
@@ -241,15 +246,15 @@ def attribute_loss(p_raw, labels, valid=None):
 def sparse_sample(valid, training=True):
     """Keep N' = ceil(L * r) of each video's L instances, r ~ U(0, 1], without replacement.
 
-    valid: (B, L) bool. Returns a (B, L) bool mask of the kept instances (all of them at evaluation).
+    valid: (B, L) bool. Returns a (B, L) bool mask of the kept instances (all of them in eval).
     """
     if not training:
         return valid
-    n_valid = valid.sum(dim=1)                                                   # (B,)
-    r = 1.0 - torch.rand(n_valid.shape, device=valid.device)                     # U(0, 1], per video
-    n_keep = torch.ceil(n_valid * r).long().clamp(min=1)                         # (B,)
-    scores = torch.rand(valid.shape, device=valid.device).masked_fill(~valid, 2.0)  # invalid rank last
-    rank = scores.argsort(dim=1).argsort(dim=1)                                  # random order per video
+    n_valid = valid.sum(dim=1)                                               # (B,)
+    r = 1.0 - torch.rand(n_valid.shape, device=valid.device)                 # U(0, 1], per video
+    n_keep = torch.ceil(n_valid * r).long().clamp(min=1)                     # (B,)
+    scores = torch.rand(valid.shape, device=valid.device).masked_fill(~valid, 2.0)  # invalid: last
+    rank = scores.argsort(dim=1).argsort(dim=1)                              # a random order
     return valid & (rank < n_keep.unsqueeze(1))
 
 
@@ -258,8 +263,8 @@ def sparse_sample(valid, training=True):
 
 
 def init_weights(module):
-    """xavier_uniform for every Linear and Embedding weight, zero biases and PAD row; LayerNorm (1, 0),
-    torch's default (models/Framework.py, Seq2SeqBase._init_weights)."""
+    """xavier_uniform for every Linear and Embedding weight, zero biases and PAD row; LayerNorm
+    (1, 0), torch's default (models/Framework.py, Seq2SeqBase._init_weights)."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
         nn.init.xavier_uniform_(module.weight)
     if isinstance(module, nn.Linear) and module.bias is not None:
@@ -269,7 +274,7 @@ def init_weights(module):
 
 
 class CaptionModel(nn.Module):
-    """Encoder (Eq. 5) + embedding (Eq. 2) + decoder and head (Eq. 3) + the two APNets (Eq. 6), Fig. 2."""
+    """Fig. 2: encoder (Eq. 5), embedding (Eq. 2), decoder and head (Eq. 3), two APNets (Eq. 6)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -278,7 +283,7 @@ class CaptionModel(nn.Module):
         self.embedding = Embedding(cfg)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layers))
         self.drop = Dropout(cfg.dropout)                     # models/Decoder.py, before the head
-        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)           # models/Head.py, NaiveHead
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)  # models/Head.py, NaiveHead
         # Eq. 6, APNet = one FC layer; "do not share the same APNet" for video and text (Sec. 4.2)
         self.vap_net = nn.Linear(cfg.d_model, cfg.n_attributes) if cfg.vap else None
         self.tap_net = nn.Linear(cfg.d_model, cfg.n_attributes) if cfg.tap else None
@@ -299,7 +304,8 @@ class CaptionModel(nn.Module):
         T = embeddings.size(1) if real is None else real.size(1)
         if start + T > self.cfg.max_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds max_len={self.cfg.max_len}")
-        causal = None if T == 1 else torch.ones(T, start + T, dtype=torch.bool, device=memory.device).tril(start)
+        causal = (None if T == 1 else  # (T, start + T): position start + t sees 0..start + t
+                  torch.ones(T, start + T, dtype=torch.bool, device=memory.device).tril(start))
         x = embeddings
         for i, layer in enumerate(self.layers):
             x = layer(x, memory, causal, (None, None) if caches is None else caches[i], real)
@@ -316,7 +322,7 @@ class CaptionModel(nn.Module):
     def forward(self, feats, captions, attributes=None):
         """Eq. 12, L = L_cap + lambda_1 L_ap^V + lambda_2 L_ap^T; returns each part and the total.
 
-        captions: (B, T) BOS w1..wn EOS PAD...; attributes: (B, K) multi-hot (needed for VAP and TAP).
+        captions: (B, T) BOS w1..wn EOS PAD...; attributes: (B, K) multi-hot (for VAP and TAP).
         """
         cfg = self.cfg
         if (cfg.vap or cfg.tap) and attributes is None:
@@ -334,14 +340,16 @@ class CaptionModel(nn.Module):
             out["vap"] = attribute_loss(self.video_attribute_p_raw(memory[kept]), attributes, kept)
             out["loss"] = out["loss"] + cfg.lambda_v * out["vap"]
         if cfg.tap:  # text-based: the decoder's own input embeddings where the target is not PAD
-            # (misc/Crit/crit_attribute.py, NoisyOrMILWithEmbs on "input_embs"; misc/Crit/prepare.py)
+            # (misc/Crit/crit_attribute.py, NoisyOrMILWithEmbs on "input_embs";
+            # misc/Crit/prepare.py)
             out["tap"] = attribute_loss(self.text_attribute_p_raw(embeddings), attributes, real)
             out["loss"] = out["loss"] + cfg.lambda_t * out["tap"]
         return out
 
     @torch.no_grad()
     def predict_attributes(self, feats=None, captions=None):
-        """Noisy-OR attribute probabilities (B, K) from all video instances (VAP) or a caption (TAP)."""
+        """Noisy-OR attribute probabilities (B, K) from every video instance (VAP) or captions
+        (TAP)."""
         if (feats is None) == (captions is None):
             raise ValueError("give either feats (video-based) or captions (text-based)")
         if feats is not None:
@@ -357,17 +365,17 @@ class CaptionModel(nn.Module):
     # Generation: batched beam search with a key/value cache (beam_size=1 is greedy search)
 
     def next_log_probs(self, tokens, memory, caches, step):
-        """log p(y | Y_<t, V) (B, V) for the last tokens (B, 1); PAD and BOS can never be produced."""
+        """log p(y | Y_<t, V) (B, V) for the last tokens (B, 1); PAD and BOS are never produced."""
         logits = self.decode(self.embedding(tokens, step), memory, caches, step)[:, -1]
         log_p = logits.log_softmax(dim=-1)
-        log_p[:, [PAD, BOS]] = float("-inf")  # the authors' Beam forbids nothing (README, differences)
+        log_p[:, [PAD, BOS]] = float("-inf")  # their Beam forbids nothing (README, differences)
         return log_p
 
     @torch.no_grad()
     def generate(self, feats, beam_size=5, max_len=None, length_penalty=1.0):
         """Captions (B, T') of word ids, no BOS, EOS and what follows it set to PAD.
 
-        The authors' beam rule (misc/Decoding/Beam.py, models/Translator.py), for all videos at once:
+        The authors' beam rule (misc/Decoding/Beam.py, models/Translator.py), all videos at once:
         each step keeps the beam_size best continuations of the live hypotheses by summed log p; one
         that ends with EOS leaves the beam for the video's finished list; a video is done when
         beam_size hypotheses have finished (or at max_len, when, if none has finished, its live ones
@@ -398,12 +406,12 @@ class CaptionModel(nn.Module):
             taken = ended & (n_finished[active, None] + ended.long().cumsum(dim=1) <= k)
             score = torch.where(taken, sum_logp / (t + 1) ** length_penalty, float("-inf"))
             score, i = score.max(dim=1)
-            better = score > best_score[active]                  # strictly: the earlier one wins a tie
+            better = score > best_score[active]          # strictly: the earlier one wins a tie
             best_score[active[better]] = score[better]
             best[active[better]] = seqs[better, i[better]]
             n_finished[active] += taken.sum(dim=1)
-            if t == steps - 1:                                   # max_len: with nothing finished, the
-                none = n_finished[active] == 0                   # best live hypothesis is the answer
+            if t == steps - 1:                           # max_len: with nothing finished, the
+                none = n_finished[active] == 0           # best live hypothesis is the answer
                 best[active[none]] = seqs[none, 0]
                 break
             sum_logp = sum_logp.masked_fill(word == EOS, float("-inf"))            # not extended

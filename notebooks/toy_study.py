@@ -35,7 +35,8 @@ STUDY_CELLS = {
     "train2700": ("2,700 training videos", {"n_train": 2700}, ["base", "dap"], "paper", {}),
     "share50": ("a caption names ~50% of its label", {"agreement": 0.85}, ["base", "dap"], "paper",
                 {}),
-    "inp": ("INP-like backbone", {"backbone": "inp"}, ["base", "dap"], "paper", {}),
+    "inp": ("INP-like features (every modality weaker)", {"backbone": "inp"}, ["base", "dap"],
+            "paper", {}),
     "no_ss": ("VAP without sparse sampling", {}, ["dap"], "no_ss", {}),
     "vap_detached": ("VAP's gradient stopped at F", {}, ["dap"], "vap_detached", {}),
 }

@@ -203,10 +203,3 @@ def no_java(monkeypatch):
     """PTB tokenisation and METEOR start Java (seconds); the end-to-end tests use the Python fallback."""
     monkeypatch.setattr(train, "java_available", lambda: False)
     warnings.filterwarnings("ignore", "Java not found")
-
-
-def pytest_collection_modifyitems(items):
-    """The notebooks (nbmake) are end-to-end runs: slow, outside the specification suite (pytest -m "not slow")."""
-    for item in items:
-        if item.path.suffix == ".ipynb":
-            item.add_marker(pytest.mark.slow)
