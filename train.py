@@ -1101,7 +1101,7 @@ TOY_PHRASINGS = {  # template: relative frequency (MSR-VTT: "video" in 7% of cap
     "there is {s} {a}{o}{p}{n}": 1, "{s} is {a} on camera{o}{p}{n}": 0.5,
     "a clip of {s} {a}{o}{p}{n}": 0.5}
 SYNONYM_WEIGHTS = [4, 3, 2, 1.5, 1, 1]  # how often annotators use a concept's 1st, 2nd... word
-TOY_BACKBONES = {"clip": 1.0, "inp": 0.3}  # SIMULATED: the attribute signal's amplitude, all modalities
+TOY_BACKBONES = {"clip": 1.0, "inp": 0.3}  # SIMULATED: attribute signal amplitude, every modality
 
 
 def toy_words(rng, n):
