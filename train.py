@@ -1263,7 +1263,8 @@ def study_verdict(path=STUDY_FILE):
                       f"{p['diff'][2]} seeds ahead)" for p in paired.values())
     return (f"Over the toy study's paired seeds, DAP - Base in test Meta-Sum: {cells}. Ahead "
             f"beyond that spread: {says(lambda m, s: m > s)}; behind beyond it: "
-            f"{says(lambda m, s: m < -s)}; the rest is within it.")
+            f"{says(lambda m, s: m < -s)}; the rest is within it. The same seeds on another CPU "
+            "round differently and can land on the other side (README, What the toy shows).")
 
 
 DEFAULT_RUN_COLUMNS = ["BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "Meta-Sum", "<unk> %", "details P",
