@@ -13,6 +13,7 @@ resumes where it stopped), and a summary: mean ± std over seeds, and DAP - Base
 """
 import argparse
 import dataclasses
+import platform
 import sys
 import time
 from pathlib import Path
@@ -76,6 +77,16 @@ def caption_statistics(dataset, vocab, attributes):
             "videos with the K-th attribute": int(df[-1])}
 
 
+def machine():
+    """The CPU and torch of a run: a seed fixes the data and every random draw but not the rounding,
+    which differs between CPUs, and training amplifies it (README, What the toy shows)."""
+    info = Path("/proc/cpuinfo")
+    cpu = next((line.split(":", 1)[1].strip() for line in info.read_text().splitlines()
+                if line.startswith("model name")), "") if info.is_file() else ""
+    return (f"{cpu or platform.processor() or platform.machine()}, "
+            f"{torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}")
+
+
 def study_run(cell, task, seed, log=lambda *a: None):
     """Train and test one (cell, task, seed) of the study -> a JSON-able record."""
     _, toy_kw, _, variant, recipe_kw = STUDY_CELLS[cell]
@@ -107,6 +118,7 @@ def study_run(cell, task, seed, log=lambda *a: None):
             "epochs_run": len(history),
             "val_meta_sum": [round(h["val_Meta-Sum"], 2) for h in history],
             "data_statistics": caption_statistics(ds, vocab, attributes),
+            "machine": machine(),
             "train_s": round(t_train, 1), "total_s": round(time.time() - t0, 1)}
 
 
